@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ARGS    ?=
+
+.PHONY: setup model run test test-slow lint bench clean
+
+$(BIN)/python:
+	$(shell command -v $(PY) >/dev/null 2>&1 && echo $(PY) || echo python3) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, from the CPU wheel on disk: a plain `torch` would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/python -c "from sialoop.policy.model_files import embedded_model_dir as m; print(m())"
+
+run: model
+	$(BIN)/sialoop run --task lawbench $(ARGS)
+
+test: setup
+	$(BIN)/python -c "from sialoop.policy.model_files import tokenizer_dir as t; print(t())"
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q
+
+test-slow: model
+	$(BIN)/pytest -q -m slow
+
+bench: model
+	$(BIN)/python bench/policy_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,124 @@
+"""One typed `RunConfig`, read from TOML and overridden by CLI flags.
+
+An unknown key, a wrong type or a missing path is a `ConfigError` whose one-line message names
+the key and the fix; nothing falls back silently to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sialoop.errors import ConfigError
+from sialoop.paths import default_data_root
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PolicyConfig(_Section):
+    model: str = "embedded"  # "embedded" (Gemma 3 270M base) or a local HF model directory
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_batch: int = Field(default=8, ge=1, le=256)
+    threads: int = Field(default=0, ge=0)  # 0: torch's default
+
+
+class SplitConfig(_Section):
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    val_size: int = Field(default=150, ge=0)  # val items scored per version; 0 = all of val
+    test_size: int = Field(default=0, ge=0)  # 0 = the whole test split
+
+
+class SandboxConfig(_Section):
+    workers: int = Field(default=2, ge=1, le=64)
+    timeout_s: float = Field(default=60.0, gt=0)
+    memory_mb: int = Field(default=4096, ge=256)
+    file_size_mb: int = Field(default=64, ge=1)
+    max_processes: int = Field(default=64, ge=1)
+
+
+class RunConfig(_Section):
+    task: str = "lawbench"
+    data: Path = Field(default_factory=default_data_root)
+    runs_dir: Path = Path("runs")
+    seed: int = 0
+    eval_test: bool = True  # score the best version on test at the end of `run`
+    harness: Path | None = None  # generation-0 harness file; None: the task's reference harness
+    policy: PolicyConfig = PolicyConfig()
+    split: SplitConfig = SplitConfig()
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(_known_keys(RunConfig))
+        return f"unknown config key '{key}': remove it or use one of: {known}"
+    return (
+        f"config key '{key}': {first['msg']} (got {first.get('input')!r}); fix the TOML or the flag"
+    )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from `--set`; the value is read as TOML when it parses, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key=value, e.g. --set split.val_size=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read `path` (TOML) if given, apply dotted `overrides`, validate; errors are one line."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist: pass an existing --config")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+    if config.harness is not None and not config.harness.exists():
+        raise ConfigError(f"config key 'harness': {config.harness} does not exist; fix the path")
+    if config.policy.model != "embedded" and not Path(config.policy.model).is_dir():
+        raise ConfigError(
+            f"config key 'policy.model': {config.policy.model} is not a model directory; "
+            "use 'embedded' or a local Hugging Face model folder"
+        )
+    return config

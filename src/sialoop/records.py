@@ -1,0 +1,145 @@
+"""Typed records that cross module boundaries: what the store writes and every reader reads.
+
+All records are frozen pydantic models carrying `schema_version`, so a run directory written
+by an older sialoop can be recognised. A score that was never computed is `None`, never 0.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def new_id(prefix: str) -> str:
+    """A short unique id such as `ep-3f2a9c1b7d4e`."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+
+
+class LLMCall(Record):
+    """One request to the policy endpoint, as the endpoint served it."""
+
+    call_id: str = Field(default_factory=lambda: new_id("call"))
+    episode_id: str | None
+    endpoint: str  # "completions" | "chat.completions"
+    adapter: str  # "base" or a version id
+    prompt: str | list[dict[str, Any]]  # text, or chat messages
+    completion: str
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    token_logprobs: list[float | None] | None = None  # per returned token (echoed prompt first)
+    params: dict[str, Any] = Field(default_factory=dict)  # sampling parameters as sent
+    latency_s: float
+    created_at: float = Field(default_factory=time.time)
+
+
+class ErrorKind(StrEnum):
+    """Where and how a rollout failed (a failed rollout is data, not a crash)."""
+
+    timeout = "timeout"
+    memory = "memory"
+    crash = "crash"  # the harness raised
+    forbidden = "forbidden"  # network, subprocess, secrets: blocked by the sandbox
+    killed = "killed"  # the worker died (signal, file-size limit, process limit)
+    invalid_output = "invalid_output"  # not JSON-serialisable, or rejected by the task
+    policy = "policy"  # the endpoint failed
+
+
+class RolloutError(Record):
+    kind: ErrorKind
+    message: str
+
+
+class Score(Record):
+    """A task's verdict on one output. `value` is the reward in [0, 1] for classification."""
+
+    value: float
+    correct: bool | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Trajectory(Record):
+    """One harness run on one instance."""
+
+    trajectory_id: str = Field(default_factory=lambda: new_id("ep"))
+    run_id: str
+    version_id: str
+    split: str
+    instance_id: str
+    sample: int = 0
+    output: Any = None
+    score: Score | None = None
+    error: RolloutError | None = None
+    logs: str = ""
+    seconds: float
+    created_at: float = Field(default_factory=time.time)
+
+
+class Version(Record):
+    """A (harness, adapter) pair: the unit that gets scored, accepted or rejected."""
+
+    version_id: str
+    run_id: str
+    parent_id: str | None
+    generation: int
+    harness_path: str  # relative to the run directory
+    adapter: str = "base"  # "base" or an adapter directory relative to the run directory
+    status: str = "candidate"  # candidate | accepted | rejected | broken
+    note: str = ""
+    created_at: float = Field(default_factory=time.time)
+
+
+class Evaluation(Record):
+    """A version's score on one split, aggregated from stored trajectories."""
+
+    evaluation_id: str = Field(default_factory=lambda: new_id("eval"))
+    run_id: str
+    version_id: str
+    split: str
+    metric: str
+    value: float | None
+    n: int
+    n_errors: int
+    seconds: float
+    forced: bool = False  # a forced re-score of test (see `sialoop eval --force`)
+    detail: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+
+class Lever(StrEnum):
+    harness = "harness"
+    weights = "weights"
+    stop = "stop"
+    baseline = "baseline"  # generation 0
+
+
+class Decision(Record):
+    """The Feedback-Agent's choice for one generation and the numbers it rests on."""
+
+    decision_id: str = Field(default_factory=lambda: new_id("dec"))
+    run_id: str
+    generation: int
+    lever: Lever
+    rationale: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    method: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+
+class RunInfo(Record):
+    run_id: str
+    task: str
+    config: dict[str, Any]
+    status: str = "running"  # running | finished | failed
+    created_at: float = Field(default_factory=time.time)
