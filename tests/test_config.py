@@ -14,7 +14,9 @@ from sialoop.tasks import load_task
 def test_defaults_and_overrides(tmp_path: Path):
     toml = tmp_path / "c.toml"
     toml.write_text('task = "toy"\n[split]\nval_size = 10\n')
-    cfg = load_config(toml, dict([parse_override("policy.dtype=float32"), parse_override("seed=3")]))
+    cfg = load_config(
+        toml, dict([parse_override("policy.dtype=float32"), parse_override("seed=3")])
+    )
     assert (cfg.task, cfg.split.val_size, cfg.policy.dtype, cfg.seed) == ("toy", 10, "float32", 3)
 
 
@@ -50,7 +52,9 @@ def test_missing_data_names_the_flag(tmp_path: Path):
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path):
     runner = CliRunner()
-    result = runner.invoke(app, ["run", "--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    result = runner.invoke(
+        app, ["run", "--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    )
     assert result.exit_code == 2
     lines = [line for line in result.output.strip().splitlines() if line]
     assert len(lines) == 1 and "--data" in lines[0], result.output

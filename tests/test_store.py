@@ -28,26 +28,58 @@ from sialoop.store import Store
 
 def _call(episode: str, i: int) -> LLMCall:
     return LLMCall(
-        episode_id=episode, endpoint="completions", adapter="base", prompt=f"p{i}",
-        completion="c", prompt_token_ids=[2, 5], completion_token_ids=[7],
-        token_logprobs=[None, -0.5, -1.25], params={"temperature": 0.0}, latency_s=0.01,
+        episode_id=episode,
+        endpoint="completions",
+        adapter="base",
+        prompt=f"p{i}",
+        completion="c",
+        prompt_token_ids=[2, 5],
+        completion_token_ids=[7],
+        token_logprobs=[None, -0.5, -1.25],
+        params={"temperature": 0.0},
+        latency_s=0.01,
     )
 
 
 def test_round_trip(tmp_path: Path):
     store = Store.create(tmp_path / "r", RunInfo(run_id="r", task="toy", config={"seed": 1}))
-    version = Version(version_id="v0", run_id="r", parent_id=None, generation=0, harness_path="harness/v0.py")
+    version = Version(
+        version_id="v0", run_id="r", parent_id=None, generation=0, harness_path="harness/v0.py"
+    )
     store.put_version(version)
     store.put_version(version.model_copy(update={"status": "accepted"}))
-    ok = Trajectory(run_id="r", version_id="v0", split="val", instance_id="1", output="red",
-                    score=Score(value=1.0, correct=True, detail={"gold": "red"}), seconds=0.1)
-    bad = Trajectory(run_id="r", version_id="v0", split="val", instance_id="2",
-                     error=RolloutError(kind=ErrorKind.timeout, message="timed out after 1 s"), seconds=1.0)
+    ok = Trajectory(
+        run_id="r",
+        version_id="v0",
+        split="val",
+        instance_id="1",
+        output="red",
+        score=Score(value=1.0, correct=True, detail={"gold": "red"}),
+        seconds=0.1,
+    )
+    bad = Trajectory(
+        run_id="r",
+        version_id="v0",
+        split="val",
+        instance_id="2",
+        error=RolloutError(kind=ErrorKind.timeout, message="timed out after 1 s"),
+        seconds=1.0,
+    )
     store.add_trajectory(ok, [_call(ok.trajectory_id, 0), _call(ok.trajectory_id, 1)])
     store.add_trajectory(bad)
     store.record(_call("ep-other", 2))
-    store.add_evaluation(Evaluation(run_id="r", version_id="v0", split="val", metric="accuracy",
-                                    value=0.5, n=2, n_errors=1, seconds=1.1))
+    store.add_evaluation(
+        Evaluation(
+            run_id="r",
+            version_id="v0",
+            split="val",
+            metric="accuracy",
+            value=0.5,
+            n=2,
+            n_errors=1,
+            seconds=1.1,
+        )
+    )
     store.add_decision(Decision(run_id="r", generation=0, lever=Lever.baseline, rationale="gen 0"))
     store.close()
 
@@ -95,7 +127,9 @@ def test_sigkill_mid_transaction_leaves_consistent_db(tmp_path: Path):
     Store.create(tmp_path / "r", RunInfo(run_id="r", task="toy", config={})).close()
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "r")], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)

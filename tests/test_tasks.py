@@ -8,7 +8,9 @@ from sialoop.tasks import load_task
 from sialoop.tasks.lawbench import stratified_split
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "lawbench-sia").exists(), reason="../shared/data absent")
+needs_data = pytest.mark.skipif(
+    not (DATA / "lawbench-sia").exists(), reason="../shared/data absent"
+)
 
 
 def test_stratified_split_is_seeded_and_keeps_every_label_in_train():

@@ -49,7 +49,7 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
         harness_path=store.write_harness("v0", source),
         note="generation 0",
     )
-    validate_harness(store.path(version.harness_path))
+    validate_harness(store.path(version.harness_path), public_dir=store.path("public"))
     store.put_version(version)
     return version
 

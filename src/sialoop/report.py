@@ -51,7 +51,7 @@ def report_table(data: dict[str, Any]) -> Table:
         )
     for r in data["evaluations"]:
         score = "-" if r["value"] is None else f"{r['value']:.4f}"
-        split = r["split"] + (" (forced re-score)" if r["forced"] else "")
+        split = r["split"] + ("*" if r["forced"] else "")
         table.add_row(
             r["version"],
             str(r["generation"]),
@@ -63,4 +63,6 @@ def report_table(data: dict[str, Any]) -> Table:
             str(r["errors"]),
             f"{r['seconds']:.0f}",
         )
+    if any(r["forced"] for r in data["evaluations"]):
+        table.caption = "* forced re-score: test was scored more than once"
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 from sialoop.config import SandboxConfig
 from sialoop.harness.sandbox import Sandbox, SandboxLimits
 from sialoop.records import ErrorKind, Evaluation, RolloutError, Trajectory, Version, new_id
-from sialoop.store import Store
+from sialoop.store import DB_NAME, Store
 from sialoop.tasks.base import Instance, Task
 
 Progress = Callable[[Trajectory], None]
@@ -30,6 +30,14 @@ class RolloutContext:
         self.policy_url, self.sandbox = policy_url, sandbox
         self.run_id = store.run_info().run_id
         self.harness_path = Path(store.path(version.harness_path))
+        db = store.path(DB_NAME)
+        self.deny_read = (
+            *task.private_paths(),
+            db,
+            db.with_name(DB_NAME + "-wal"),
+            db.with_name(DB_NAME + "-shm"),
+            store.path("adapters"),
+        )
 
 
 def _limits(cfg: SandboxConfig) -> SandboxLimits:
@@ -60,6 +68,7 @@ def _worker_loop(ctx: RolloutContext, jobs: queue.Queue[Instance], on_done: Prog
         limits=_limits(ctx.sandbox),
         public_dir=ctx.store.path("public"),
         scratch_root=ctx.store.path("scratch"),
+        deny_read=ctx.deny_read,
     ) as sandbox:
         while True:
             try:

@@ -241,4 +241,3 @@ class Store:
 
     def integrity_ok(self) -> bool:
         return self._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-

@@ -58,6 +58,10 @@ class Task(ABC):
             return None
         return sum(s.value if s is not None else 0.0 for s in scores) / len(scores)
 
+    def private_paths(self) -> list[Path]:
+        """Files and folders a harness must never read (labels beyond the public train split)."""
+        return []
+
     def summary(self) -> dict[str, Any]:
         """Facts about the data worth reporting (sizes, removed duplicates)."""
         return {}

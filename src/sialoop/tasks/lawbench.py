@@ -146,6 +146,10 @@ class LawBenchTask(Task):
     def reference_harness(self) -> str:
         return template_source("lawbench_fewshot.py")
 
+    def private_paths(self) -> list[Path]:
+        # The whole data root: its other folders (CAIL2018, LawBench 3-3) hold test texts too.
+        return [self.dir.parent]
+
     def summary(self) -> dict[str, Any]:
         train, val, removed = self._train_val
         return {

@@ -1,0 +1,503 @@
+"""Run a harness's `solve` on many instances in one long-lived, limited child process.
+
+`Sandbox` starts one worker (`python -m sialoop.harness.worker`) per object, which imports the
+harness once, so module-level state (a fitted retriever, loaded examples) is reused across
+instances. Every failure becomes a `SandboxResult` with an `ErrorKind`; the loop never dies of
+a harness. After a timeout, a crash of the worker or a memory error the worker's whole process
+group is killed and a fresh worker is started for the next instance.
+
+Guaranteed (for a harness that does not deliberately attack the sandbox):
+- Wall-clock `timeout_s` per instance, enforced by the parent: SIGKILL to the worker's whole
+  process group. A soft RLIMIT_CPU and a parent-death watchdog stop orphaned workers.
+- RLIMIT_AS (`memory_mb`; an allocation past it raises MemoryError), RLIMIT_FSIZE
+  (`file_size_mb`; a bigger write fails with EFBIG), RLIMIT_CORE=0, RLIMIT_NPROC.
+- A fresh scratch directory per worker as cwd, HOME and TMPDIR, deleted when the worker is
+  replaced or the sandbox closes; the task's `public_dir` linked in as `public/`.
+- An environment of PATH, locale, PYTHONPATH, HOME/TMPDIR and one-thread caps for BLAS/OpenMP:
+  no API keys or tokens from the parent's environment.
+- An audit hook (`worker.AuditGuard`) refusing, with PermissionError and ErrorKind.forbidden
+  even if the harness catches it: fork/exec/spawn/subprocess/system (including
+  `_posixsubprocess.fork_exec`, which multiprocessing and joblib's loky use); connecting or
+  sending to anything but the policy endpoint's host:port; binding outside loopback; DNS
+  lookups of other names; raw sockets; writes, deletes, renames and chmods outside the scratch
+  directory (so `public/` is read-only); reads of other processes' `/proc/<pid>` (their
+  environment) and of the usual secrets locations in the parent's HOME; signals to other
+  processes; changing resource limits.
+- The harness's stdout and stderr (Python and native) are captured per instance, up to
+  `max_log_bytes`, and never mixed with the parent-worker protocol (dedicated pipes).
+- Each `Sandbox` is safe to use from several threads (calls are serialised) and shares no
+  state with other `Sandbox` objects; no global state, no signal handlers in the parent.
+
+Not guaranteed: this is not a security boundary against a determined attacker. There is no
+seccomp filter, no namespace, no chroot and no separate user. `ctypes` (or any native code)
+calls libc directly and bypasses the audit hook: it can fork, exec, open sockets and write
+anywhere the user can. Python code can also find and edit the hook's state through `gc`. What
+remains then is the resource limits and the process-group kill on timeout, which misses a
+child that calls setsid(). RLIMIT_NPROC is not enforced by the kernel for root, and counts all
+of the user's tasks otherwise (the limit is headroom above the count when the worker starts).
+Files readable by the user outside the denied locations (secrets locations and the caller's
+`deny_read`: the loop passes the task's private data and the run's database) stay readable. Total disk usage is not limited, only the size
+of each file. Memory is address space, not resident memory, and does not cover the page cache.
+A harness can keep threads running after `solve` returns; their output lands in the next
+instance's logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import sialoop
+from sialoop.errors import ConfigError, DataError
+from sialoop.harness.program import HarnessInvalid
+from sialoop.harness.worker import (
+    HEADER,
+    MAX_OUTPUT_BYTES,
+    WorkerConfig,
+    WorkerReply,
+    WorkerRequest,
+    encode_frame,
+)
+from sialoop.records import ErrorKind, Record, RolloutError, new_id
+
+_MAX_FRAME = 8 * MAX_OUTPUT_BYTES  # JSON-in-JSON escaping can grow the output's text
+_EXIT_GRACE_S = 1.0  # after EOF, how long a dying worker gets to exit with its own status
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+_FIXED_ENV = {
+    "PYTHONUNBUFFERED": "1",  # logs up to a kill are kept
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONIOENCODING": "utf-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "RAYON_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "JOBLIB_MULTIPROCESSING": "0",  # joblib runs serially instead of trying to spawn
+    "LOKY_MAX_CPU_COUNT": "1",  # loky would run `lscpu` to count cores
+}
+# Locations under the parent's HOME where credentials usually live.
+_SECRET_NAMES = (
+    ".ssh", ".aws", ".azure", ".config", ".docker", ".gnupg", ".kube", ".netrc",
+    ".git-credentials", ".pypirc", ".cache/huggingface", ".huggingface", ".env",
+)  # fmt: skip
+
+
+class SandboxLimits(BaseModel):
+    """Limits for one harness worker (per instance where it says so)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    timeout_s: float = Field(default=60.0, gt=0)  # wall clock per instance
+    memory_mb: int = Field(default=4096, ge=256)  # address space of the worker
+    file_size_mb: int = Field(default=64, ge=1)  # largest file the worker may write
+    max_processes: int = Field(default=64, ge=1)  # RLIMIT_NPROC headroom (not for root)
+    startup_timeout_s: float = Field(default=120.0, gt=0)  # import of the harness
+    max_log_bytes: int = Field(default=16_000, ge=0)  # captured stdout+stderr per instance
+    max_start_failures: int = Field(default=3, ge=1)  # consecutive, then stop retrying
+
+
+class SandboxResult(Record):
+    """One instance: the output (parsed back from JSON) or the error, never both."""
+
+    output: Any = None
+    error: RolloutError | None = None
+    logs: str = ""
+    seconds: float
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Closed(Exception):
+    pass
+
+
+class _WorkerGone(Exception):
+    def __init__(self, error: RolloutError):
+        super().__init__(error.message)
+        self.error = error
+
+
+# -- deadline-aware pipe I/O (the parent's side; its ends are non-blocking) --------------------
+def _wait(fd: int, events: int, deadline: float) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout
+        if poller.poll(max(1, int(remaining * 1000))):
+            return
+
+
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        _wait(fd, select.POLLIN, deadline)
+        try:
+            chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise _Closed
+        buf += chunk
+    return bytes(buf)
+
+
+def _receive(fd: int, deadline: float) -> bytes:
+    (size,) = HEADER.unpack(_read_exact(fd, HEADER.size, deadline))
+    if size > _MAX_FRAME:
+        raise _Closed  # not something our worker writes: treat the channel as broken
+    return _read_exact(fd, size, deadline)
+
+
+def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        _wait(fd, select.POLLOUT, deadline)
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+        except BrokenPipeError as err:
+            raise _Closed from err
+
+
+# -- the child process -------------------------------------------------------------------------
+def _worker_env(workdir: Path) -> dict[str, str]:
+    env = {key: os.environ[key] for key in _PASSED_ENV if key in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env.setdefault("LANG", "C.UTF-8")
+    # The worker must import this very sialoop, installed or not.
+    paths = [str(Path(sialoop.__file__).resolve().parent.parent)]
+    paths += [
+        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    env |= _FIXED_ENV
+    env |= {
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir / "tmp"),
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+    return env
+
+
+def _secret_paths() -> tuple[str, ...]:
+    home = Path.home()
+    return (*(str(home / name) for name in _SECRET_NAMES), str(Path.cwd() / ".env"))
+
+
+def _death(code: int, during: str) -> RolloutError:
+    """Why a worker that closed its pipe died, from its exit status."""
+    if code >= 0:
+        message = f"the worker exited with code {code} {during} (os._exit, or a fatal error)"
+        return RolloutError(kind=ErrorKind.killed, message=message)
+    sig = -code
+    name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+    if sig == signal.SIGXCPU:
+        message = f"the worker hit its CPU-time backstop {during} (SIGXCPU)"
+        return RolloutError(kind=ErrorKind.timeout, message=message)
+    hint = {
+        signal.SIGKILL: " (the kernel's OOM killer, or a kill from outside)",
+        signal.SIGXFSZ: " (file-size limit)",
+        signal.SIGSEGV: " (native code crashed)",
+        signal.SIGABRT: " (native code aborted)",
+    }.get(sig, "")
+    return RolloutError(kind=ErrorKind.killed, message=f"the worker died of {name} {during}{hint}")
+
+
+class _Worker:
+    """One live child: its process, the parent's ends of the two pipes, its scratch dir."""
+
+    def __init__(self, config: WorkerConfig, env: dict[str, str], log_path: Path):
+        self.workdir = Path(config.workdir)
+        request_r, self.request_fd = os.pipe()
+        self.reply_fd, reply_w = os.pipe()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "sialoop.harness.worker",
+                    str(request_r),
+                    str(reply_w),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                pass_fds=(request_r, reply_w),
+                start_new_session=True,  # its own process group, killed as one
+            )
+        except BaseException:
+            os.close(self.request_fd)
+            os.close(self.reply_fd)
+            raise
+        finally:
+            for fd in (request_r, reply_w, log_fd):
+                os.close(fd)
+        os.set_blocking(self.request_fd, False)
+        os.set_blocking(self.reply_fd, False)
+
+    def signal_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def stop(self, grace_s: float = 0.0) -> int:
+        """Kill the process group (after `grace_s` for the worker to exit by itself), reap the
+        worker, close the pipes and delete the scratch dir; the worker's exit status."""
+        if grace_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace_s)
+        self.signal_group()  # also when the worker exited: strays in its group go too
+        code = self.proc.wait()
+        for fd in (self.request_fd, self.reply_fd):
+            with contextlib.suppress(OSError):  # closed by an earlier stop()
+                os.close(fd)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+
+class Sandbox:
+    """One harness worker at a time, answering `solve(instance, episode_id)` in sequence.
+
+    The worker starts on the first `solve` (or `start`) and is replaced after any failure that
+    leaves it suspect. After `max_start_failures` consecutive failed starts the sandbox stops
+    retrying and answers every instance with the last start error at once. `policy_url=None`
+    gives the harness `llm=None` and no network at all. Use as a context manager (or call
+    `close`); see the module docstring for what is and is not contained.
+    """
+
+    def __init__(
+        self,
+        harness_path: str | Path,
+        *,
+        policy_url: str | None,
+        adapter: str,
+        limits: SandboxLimits | None = None,
+        public_dir: str | Path | None = None,
+        scratch_root: str | Path,
+        deny_read: tuple[str | Path, ...] = (),
+    ):
+        self._harness = Path(harness_path).resolve()
+        if not self._harness.is_file():
+            raise HarnessInvalid(f"harness file not found: {self._harness}")
+        if policy_url is not None:
+            parts = urlsplit(policy_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"policy_url must be an http(s) URL, not {policy_url!r}")
+        self._public = Path(public_dir).resolve() if public_dir is not None else None
+        if self._public is not None and not self._public.is_dir():
+            raise DataError(f"public directory not found: {self._public}")
+        self._policy_url, self._adapter = policy_url, adapter
+        self._limits = limits or SandboxLimits()
+        self._dir = Path(scratch_root).resolve() / new_id("sandbox")
+        self._dir.mkdir(parents=True)
+        self._log = self._dir / "worker.log"
+        # Private task data and the run's own database hold labels a harness must not read.
+        self._deny = _secret_paths() + tuple(str(Path(p).resolve()) for p in deny_read)
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        self._starts = 0
+        self._start_failures = 0
+        self._start_error: RolloutError | None = None
+        self._closed = False
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def starts(self) -> int:
+        """How many workers this sandbox has started (1 + restarts)."""
+        return self._starts
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The live worker's pid, which is also its process group and session id."""
+        worker = self._worker
+        return worker.proc.pid if worker is not None else None
+
+    def start(self) -> RolloutError | None:
+        """Start the worker now unless one is running; why it could not start, or None."""
+        with self._lock:
+            self._check_open()
+            return self._ensure_worker()
+
+    def solve(self, instance: dict[str, Any], episode_id: str) -> SandboxResult:
+        """Run `solve(instance, llm)` in the worker; failures are results, not exceptions.
+
+        Raises only for the caller's mistakes: an instance that is not a JSON object
+        (pydantic's errors) or a closed sandbox (RuntimeError).
+        """
+        request = encode_frame(WorkerRequest(instance=instance, episode_id=episode_id))
+        with self._lock:
+            self._check_open()
+            self._clear_log()
+            started = time.monotonic()
+            error = self._ensure_worker()
+            if error is not None:
+                return self._result(None, error, started)
+            started = time.monotonic()
+            try:
+                reply = self._exchange(request)
+            except _WorkerGone as gone:
+                return self._result(None, gone.error, started)
+            if reply.restart:
+                self._stop_worker()
+            if reply.error is not None:
+                return self._result(None, reply.error, started)
+            if reply.output_json is None:  # our worker never sends this; a harness might
+                error = RolloutError(kind=ErrorKind.killed, message="the worker sent no output")
+                return self._result(None, error, started)
+            return self._result(json.loads(reply.output_json), None, started)
+
+    def close(self) -> None:
+        """Kill the worker (an in-flight `solve` returns ErrorKind.killed) and delete the
+        sandbox's scratch files. Idempotent."""
+        worker = self._worker
+        if worker is not None:
+            worker.signal_group()  # without the lock, so an in-flight solve ends now
+        with self._lock:
+            self._closed = True
+            self._stop_worker()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- internals (called with the lock held) -------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Sandbox is closed")
+
+    def _ensure_worker(self) -> RolloutError | None:
+        if self._worker is not None:
+            if self._worker.proc.poll() is None:
+                return None
+            self._stop_worker()  # it died between instances (a stray thread, a kill)
+        if (
+            self._start_error is not None
+            and self._start_failures >= self._limits.max_start_failures
+        ):
+            message = f"not restarted after {self._start_failures} failed starts; last: "
+            return self._start_error.model_copy(
+                update={"message": message + self._start_error.message}
+            )
+        error = self._start_worker()
+        self._start_failures = 0 if error is None else self._start_failures + 1
+        self._start_error = error
+        return error
+
+    def _worker_config(self, workdir: Path) -> WorkerConfig:
+        limits = self._limits
+        return WorkerConfig(
+            harness_path=str(self._harness),
+            policy_url=self._policy_url,
+            adapter=self._adapter,
+            workdir=str(workdir),
+            timeout_s=limits.timeout_s,
+            startup_timeout_s=limits.startup_timeout_s,
+            memory_mb=limits.memory_mb,
+            file_size_mb=limits.file_size_mb,
+            max_processes=limits.max_processes,
+            deny_read=self._deny,
+        )
+
+    def _start_worker(self) -> RolloutError | None:
+        self._starts += 1
+        workdir = self._dir / f"work-{self._starts}"
+        (workdir / "tmp").mkdir(parents=True)
+        if self._public is not None:
+            (workdir / "public").symlink_to(self._public, target_is_directory=True)
+        config = self._worker_config(workdir)
+        worker = _Worker(config, _worker_env(workdir), self._log)
+        deadline = time.monotonic() + self._limits.startup_timeout_s
+        try:
+            _write_all(worker.request_fd, encode_frame(config), deadline)
+            reply = WorkerReply.model_validate_json(_receive(worker.reply_fd, deadline))
+        except _Timeout:
+            worker.stop()
+            message = (
+                f"the worker did not start within {self._limits.startup_timeout_s:g} s "
+                "(slow module-level code in the harness?)"
+            )
+            return RolloutError(kind=ErrorKind.timeout, message=message)
+        except (_Closed, ValidationError):
+            error = _death(worker.stop(_EXIT_GRACE_S), "while starting")
+            last = self._read_log().strip().splitlines()[-1:]  # often the reason, e.g. a traceback
+            note = f"; last log line: {last[0][:300]}" if last else ""
+            return error.model_copy(update={"message": error.message + note})
+        if reply.error is not None:
+            worker.stop(_EXIT_GRACE_S)
+            return reply.error
+        self._worker = worker
+        return None
+
+    def _exchange(self, request: bytes) -> WorkerReply:
+        worker = self._worker
+        assert worker is not None  # _ensure_worker() just succeeded
+        deadline = time.monotonic() + self._limits.timeout_s
+        try:
+            _write_all(worker.request_fd, request, deadline)
+            return WorkerReply.model_validate_json(_receive(worker.reply_fd, deadline))
+        except _Timeout:
+            self._stop_worker()
+            message = (
+                f"no answer within {self._limits.timeout_s:g} s; "
+                "the worker's process group was killed"
+            )
+            raise _WorkerGone(RolloutError(kind=ErrorKind.timeout, message=message)) from None
+        except (_Closed, ValidationError):
+            code = self._stop_worker(_EXIT_GRACE_S)
+            raise _WorkerGone(_death(code, "during the instance")) from None
+
+    def _stop_worker(self, grace_s: float = 0.0) -> int:
+        worker, self._worker = self._worker, None
+        return worker.stop(grace_s) if worker is not None else 0
+
+    def _clear_log(self) -> None:
+        # The worker appends (O_APPEND), so truncating between instances is safe.
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self._log, 0)
+
+    def _read_log(self) -> str:
+        limit = self._limits.max_log_bytes
+        try:
+            with open(self._log, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size <= limit:
+                    data = f.read(limit)
+                else:
+                    head = f.read(limit // 2)
+                    f.seek(size - limit // 2)
+                    skipped = size - 2 * (limit // 2)
+                    data = head + f"\n[... {skipped} bytes cut ...]\n".encode() + f.read()
+        except FileNotFoundError:
+            return ""
+        return data.decode("utf-8", errors="replace")
+
+    def _result(self, output: Any, error: RolloutError | None, started: float) -> SandboxResult:
+        return SandboxResult(
+            output=output,
+            error=error,
+            logs=self._read_log(),
+            seconds=time.monotonic() - started,
+        )

@@ -1,0 +1,553 @@
+"""The policy endpoint: an OpenAI-compatible FastAPI app over a `PolicyBackend`, recording every call.
+
+Routes
+- `POST /v1/completions`: generation (max_tokens > 0: temperature, top_p, n, stop, seed, logprobs,
+  echo) and scoring (echo=True, max_tokens=0, logprobs=N, prompt = one string or a list).
+  Extension: body field `echo_logprobs_from` (with the openai client: `extra_body=`), one character
+  offset for every prompt or a list with one per prompt. Prompt tokens whose text starts before it
+  get logprob null and cost nothing; see `sialoop.policy.hf` for how prefixes are reused.
+- `POST /v1/chat/completions`: messages are rendered with the tokenizer's chat template when it has
+  one; otherwise (the embedded base model) as a plain transcript, one "Role: content" line per
+  message ending in "Assistant:", with "\\nUser:" added to the stop strings and the reply's leading
+  whitespace stripped. max_tokens defaults to 256 (16 for completions, as OpenAI).
+- `GET /v1/models`, `GET /health`, `POST /sialoop/adapters` {"name", "path"} (a peft adapter dir).
+
+Headers: `X-Sialoop-Episode` tags the recorded calls (None when absent). The request's `model` is
+`base`, a registered adapter name, or `policy`, which means the adapter named by the
+`X-Sialoop-Adapter` header, else `base`.
+
+Guarantees: one `LLMCall` per returned choice is recorded before the response is sent; a recorder
+failure is logged and never fails the request. Errors use OpenAI's error body: a bad request is
+400 with a one-line message, an unknown model 404 listing the available ones, a model failure 500;
+the server keeps serving after any of them. Logprobs `text_offset`s index the returned `text`.
+Not supported (400): streaming, best_of > 1, penalties, logit_bias, suffix, token-id prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from sialoop.errors import PolicyError
+from sialoop.policy.batcher import (
+    BASE,
+    Batcher,
+    GenerateRequest,
+    Generation,
+    PolicyBackend,
+    RequestError,
+    SamplingParams,
+    ScoredPrompt,
+    ScoreRequest,
+    TokenLogprobs,
+)
+from sialoop.policy.recorder import Recorder
+from sialoop.records import LLMCall
+
+log = logging.getLogger(__name__)
+
+EPISODE_HEADER = "X-Sialoop-Episode"
+ADAPTER_HEADER = "X-Sialoop-Adapter"
+POLICY_ALIAS = "policy"
+TRANSCRIPT_STOP = "\nUser:"
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints; None means the OpenAI default."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def sampling(
+        self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = ()
+    ) -> SamplingParams:
+        if self.stream:
+            raise ApiError(400, "stream=true is not supported", param="stream")
+        if self.frequency_penalty or self.presence_penalty or self.logit_bias:
+            raise ApiError(400, "penalties and logit_bias are not supported")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            n=self.n or 1,
+            stop=tuple(s for s in (*stop, *extra_stop) if s),
+            seed=self.seed,
+            logprobs=logprobs,
+        )
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+    echo_logprobs_from: int | list[int] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class AdapterBody(BaseModel):
+    name: str
+    path: str
+
+
+def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.005) -> FastAPI:
+    """The endpoint over `backend`; serve it with lifespan on (it starts the model worker)."""
+    batcher = Batcher(backend, wait_s=wait_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+
+    app = FastAPI(title="sialoop policy", lifespan=lifespan)
+    app.state.batcher = batcher
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "models": backend.model_names()}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "sialoop"}
+            for m in backend.model_names()
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/sialoop/adapters")
+    async def add_adapter(body: AdapterBody) -> dict[str, Any]:
+        await _wait(batcher.submit_call(lambda: backend.add_adapter(body.name, Path(body.path))))
+        return {"id": body.name, "models": backend.model_names()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        adapter = _resolve(backend, body.model, request)
+        choices, served = await _complete(batcher, body, adapter)
+        params = body.model_dump(exclude={"prompt"}, exclude_unset=True)
+        await _record(recorder, served, _common(request, "completions", adapter, params, started))
+        return _envelope("text_completion", "cmpl", adapter, choices, served)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        adapter = _resolve(backend, body.model, request)
+        prompt, extra_stop = render_chat(backend, body.messages)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        params = body.sampling(max_tokens, top, extra_stop)
+        generations = await _wait(batcher.submit_generate(GenerateRequest(adapter, prompt, params)))
+        choices = [_chat_choice(k, g, bool(extra_stop), top) for k, g in enumerate(generations)]
+        served = [
+            _served(body.messages, g.prompt_token_ids, g, c["message"]["content"], g.logprobs)
+            for g, c in zip(generations, choices, strict=True)
+        ]
+        sent = body.model_dump(exclude={"messages"}, exclude_unset=True)
+        await _record(
+            recorder, served, _common(request, "chat.completions", adapter, sent, started)
+        )
+        return _envelope("chat.completion", "chatcmpl", adapter, choices, served)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def body(
+        status: int, message: str, code: str | None = None, param: str | None = None
+    ) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        error = {"message": message, "type": kind, "param": param, "code": code}
+        return JSONResponse({"error": error}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return body(err.status, err.message, err.code, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return body(400, "the request body is not valid JSON")
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])
+        return body(
+            400,
+            f"{where}: {first.get('msg')}" if where else str(first.get("msg")),
+            param=where or None,
+        )
+
+
+def _resolve(backend: PolicyBackend, model: str, request: Request) -> str:
+    name = (request.headers.get(ADAPTER_HEADER) or BASE) if model == POLICY_ALIAS else model
+    names = backend.model_names()
+    if name not in names:
+        listed = ", ".join(names)
+        message = f"model {name!r} not found; available models: {listed} (and {POLICY_ALIAS!r}, which follows the {ADAPTER_HEADER} header)"
+        raise ApiError(404, message, code="model_not_found", param="model")
+    return name
+
+
+async def _wait(future: Future) -> Any:
+    try:
+        return await asyncio.wrap_future(future)
+    except RequestError as err:
+        raise ApiError(400, str(err)) from err
+    except PolicyError as err:
+        raise ApiError(503, str(err)) from err
+    except Exception as err:  # a model failure: report it, keep serving
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise ApiError(500, f"model failure: {type(err).__name__}: {first_line}") from err
+
+
+async def _complete(
+    batcher: Batcher, body: CompletionBody, adapter: str
+) -> tuple[list[dict], list[_Served]]:
+    """Runs scoring and/or generation for every prompt; returns the choices and their records."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    if (body.best_of or 1) > 1 or body.suffix:
+        raise ApiError(400, "best_of and suffix are not supported")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    params = body.sampling(max_tokens, body.logprobs)
+    echo_lp = bool(body.echo) and body.logprobs is not None
+    scored_future = None
+    if body.echo or max_tokens == 0:
+        froms = _score_from(body, prompts, echo_lp)
+        request = ScoreRequest(adapter, tuple(prompts), body.logprobs or 0, froms)
+        scored_future = batcher.submit_score(request)
+    gen_futures = []
+    if max_tokens:
+        gen_futures = [
+            batcher.submit_generate(GenerateRequest(adapter, p, params)) for p in prompts
+        ]
+    scored = await _wait(scored_future) if scored_future else None
+    generations = [await _wait(f) for f in gen_futures]
+    choices, served = [], []
+    for i, prompt in enumerate(prompts):
+        for k in range(params.n):
+            gen = generations[i][k] if generations else None
+            echoed = scored[i] if scored else None
+            choice, call = _text_choice(len(choices), prompt, body, echoed, gen)
+            choices.append(choice)
+            served.append(call)
+    return choices, served
+
+
+def _text_choice(
+    index: int,
+    prompt: str,
+    body: CompletionBody,
+    scored: ScoredPrompt | None,
+    gen: Generation | None,
+) -> tuple[dict[str, Any], _Served]:
+    """One legacy-completions choice: echoed prompt and/or generation, joined logprobs."""
+    echo_lp = scored.logprobs if scored and body.echo and body.logprobs is not None else None
+    gen_lp = gen.logprobs if gen else None
+    logprobs = _join(echo_lp, gen_lp, len(prompt) if body.echo else 0, body.logprobs)
+    completion = gen.text if gen else ""
+    choice = {
+        "index": index,
+        "text": (prompt if body.echo else "") + completion,
+        "logprobs": _lp_json(logprobs),
+        "finish_reason": gen.finish_reason if gen else "length",
+    }
+    prompt_ids = gen.prompt_token_ids if gen else scored.token_ids
+    return choice, _served(prompt, prompt_ids, gen, completion, logprobs)
+
+
+def _score_from(body: CompletionBody, prompts: list[str], echo_lp: bool) -> tuple[int, ...] | None:
+    """Per-prompt offset of the first scored token; len(prompt) when no prompt logprob is returned."""
+    if not echo_lp:
+        return tuple(len(p) for p in prompts)
+    k = body.echo_logprobs_from
+    if k is None:
+        return None
+    return tuple(k) if isinstance(k, list) else (k,) * len(prompts)
+
+
+def _join(
+    echoed: TokenLogprobs | None, generated: TokenLogprobs | None, shift: int, wanted: int | None
+) -> TokenLogprobs | None:
+    if wanted is None:
+        return None
+    parts = [
+        p
+        for p in (
+            echoed,
+            generated
+            and replace(generated, text_offset=[o + shift for o in generated.text_offset]),
+        )
+        if p
+    ]
+    tops = (
+        None
+        if not wanted
+        else [t for p in parts for t in (p.top_logprobs or [None] * len(p.tokens))]
+    )
+    return TokenLogprobs(
+        tokens=[t for p in parts for t in p.tokens],
+        token_logprobs=[v for p in parts for v in p.token_logprobs],
+        top_logprobs=tops,
+        text_offset=[o for p in parts for o in p.text_offset],
+    )
+
+
+def _lp_json(lp: TokenLogprobs | None) -> dict[str, Any] | None:
+    if lp is None:
+        return None
+    return {
+        "tokens": lp.tokens,
+        "token_logprobs": lp.token_logprobs,
+        "top_logprobs": lp.top_logprobs,
+        "text_offset": lp.text_offset,
+    }
+
+
+def _chat_choice(index: int, gen: Generation, strip: bool, top: int | None) -> dict[str, Any]:
+    content = gen.text.lstrip() if strip else gen.text
+    logprobs = None
+    if top is not None and gen.logprobs is not None:
+        lp = gen.logprobs
+        content_lp = []
+        for j, token in enumerate(lp.tokens):
+            alts = (lp.top_logprobs or [None] * len(lp.tokens))[j] or {}
+            content_lp.append(
+                {
+                    "token": token,
+                    "logprob": lp.token_logprobs[j],
+                    "bytes": list(token.encode()),
+                    "top_logprobs": [
+                        {"token": t, "logprob": v, "bytes": list(t.encode())}
+                        for t, v in list(alts.items())[:top]
+                    ],
+                }
+            )
+        logprobs = {"content": content_lp}
+    message = {"role": "assistant", "content": content}
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": gen.finish_reason,
+    }
+
+
+def render_chat(
+    backend: PolicyBackend, messages: list[dict[str, Any]]
+) -> tuple[str, tuple[str, ...]]:
+    """The prompt text for `messages`, and the stop strings its format implies (see module doc)."""
+    texts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise ApiError(
+                400, "each message needs a string role and text content", param="messages"
+            )
+        texts.append((m["role"], content))
+    tok = backend.tokenizer
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": r, "content": c} for r, c in texts]
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
+    lines = [f"{role.capitalize()}: {content}" for role, content in texts]
+    return "\n".join([*lines, "Assistant:"]), (TRANSCRIPT_STOP,)
+
+
+@dataclass
+class _Served:
+    """One choice as served; `_record` adds the request-level fields to make an LLMCall."""
+
+    prompt: Any
+    completion: str
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    token_logprobs: list[float | None] | None
+
+
+def _served(
+    prompt: Any,
+    prompt_ids: list[int],
+    gen: Generation | None,
+    completion: str,
+    lp: TokenLogprobs | None,
+) -> _Served:
+    completion_ids = list(gen.token_ids) if gen else []
+    return _Served(
+        prompt,
+        completion,
+        list(prompt_ids),
+        completion_ids,
+        list(lp.token_logprobs) if lp else None,
+    )
+
+
+def _common(
+    request: Request, endpoint: str, adapter: str, params: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """The LLMCall fields shared by every choice of one request."""
+    return {
+        "episode_id": request.headers.get(EPISODE_HEADER),
+        "endpoint": endpoint,
+        "adapter": adapter,
+        "params": params,
+        "latency_s": time.perf_counter() - started,
+    }
+
+
+async def _record(recorder: Recorder, served: list[_Served], common: dict[str, Any]) -> None:
+    """One LLMCall per choice, written before the response goes out; failures are only logged."""
+
+    def write() -> None:
+        for call in served:
+            try:
+                recorder.record(LLMCall(**common, **asdict(call)))
+            except Exception:  # recording must never fail the request
+                log.exception("recording a policy call failed")
+
+    await run_in_threadpool(write)
+
+
+def _envelope(
+    kind: str, prefix: str, model: str, choices: list[dict], calls: list[_Served]
+) -> dict[str, Any]:
+    prompt_tokens = sum(len(c.prompt_token_ids) for c in calls)
+    completion_tokens = sum(len(c.completion_token_ids) for c in calls)
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+class PolicyServer:
+    """`create_app(backend, recorder)` under uvicorn in a daemon thread, as a context manager.
+
+    Binds `host:port` itself (port 0: a free port) before starting, so `.url` is known and never
+    raced; `start` returns once /health answers, `stop` shuts uvicorn and the model worker down.
+    """
+
+    def __init__(
+        self,
+        backend: PolicyBackend,
+        recorder: Recorder,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        wait_s: float = 0.005,
+    ) -> None:
+        self.app = create_app(backend, recorder, wait_s=wait_s)
+        self.host, self.port = host, port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL, e.g. http://127.0.0.1:PORT/v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> PolicyServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as err:
+            sock.close()
+            raise PolicyError(
+                f"cannot bind the policy endpoint to {self.host}:{self.port}: {err}"
+            ) from err
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name="sialoop-policy-http",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._healthy():
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise PolicyError(f"the policy endpoint on {self.host}:{self.port} did not start")
+            time.sleep(0.02)
+
+    def _healthy(self) -> bool:
+        if self._server is None or not self._server.started:
+            return False
+        try:
+            return (
+                httpx.get(f"http://{self.host}:{self.port}/health", timeout=2.0).status_code == 200
+            )
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._server = self._thread = None

@@ -1,0 +1,13 @@
+"""Shared fixtures: the tiny random Gemma 3 (real 262k-vocab tokenizer) that fast tests run on."""
+
+from pathlib import Path
+
+import pytest
+
+from sialoop.policy import model_files
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Gemma 3 (sliding window 16) built once per test session."""
+    return model_files.tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-gemma3")
