@@ -62,3 +62,12 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path):
     assert result.exit_code == 2 and "unknown config key 'policy.nope'" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no run at" in result.output
+
+
+def test_doctor_names_the_fix(tmp_path: Path):
+    result = CliRunner().invoke(
+        app, ["doctor", "--data", str(tmp_path), "--runs-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "FIX" in result.output and "--data" in result.output
+    assert "torch" in result.output and "port" in result.output

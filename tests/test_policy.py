@@ -129,6 +129,27 @@ def test_echo_scoring_equals_full_forward(client, served, reference):
         assert max(top.values()) >= choice.logprobs.token_logprobs[-1] - TOL and len(top) >= 3
 
 
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        [CONTEXT, CONTEXT, CONTEXT + "盗窃"],  # identical prompts; one a prefix of another
+        ["", "a", CONTEXT + "x" * 40],  # empty, one token, no shared prefix beyond <bos>
+    ],
+)
+def test_echo_scoring_odd_shapes(client, served, reference, prompts):
+    episode = f"ep-shapes-{len(prompts[0])}"
+    response = client.completions.create(
+        model="base",
+        prompt=prompts,
+        echo=True,
+        max_tokens=0,
+        logprobs=1,
+        extra_headers={"X-Sialoop-Episode": episode},
+    )
+    for choice, ids in zip(response.choices, ids_of(served[1], episode), strict=True):
+        assert_close(choice.logprobs.token_logprobs, direct_logprobs(reference, ids))
+
+
 def test_echo_logprobs_from_scores_only_the_options(client, served, reference, backend):
     recorder = served[1]
     head_rows = backend.stats["head_rows"]
@@ -353,22 +374,29 @@ def test_concurrent_requests_are_batched_and_correct(client, served):
     ]
     batcher = served[0].app.state.batcher
     batcher.stats["max_rows"] = 0
-    barrier, got = threading.Barrier(len(prompts)), [None] * len(prompts)
+    barrier, got = threading.Barrier(len(prompts) + 1), [None] * len(prompts)
+    errors: list[Exception] = []
 
     def run(i: int) -> None:
         barrier.wait()
-        got[i] = (
-            client.completions.create(
-                model="base", prompt=prompts[i], max_tokens=3 + i % 3, temperature=0
-            )
-            .choices[0]
-            .text
+        response = client.completions.create(
+            model="base", prompt=prompts[i], max_tokens=3 + i % 3, temperature=0
         )
+        got[i] = response.choices[0].text
+
+    def bad() -> None:  # too long for the model: fails alone, not its batch-mates
+        barrier.wait()
+        try:
+            client.completions.create(model="base", prompt="x", max_tokens=10_000, temperature=0)
+        except openai.BadRequestError as err:
+            errors.append(err)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads.append(threading.Thread(target=bad))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert got == expected
+    assert len(errors) == 1 and "exceeds" in str(errors[0])
     assert batcher.stats["max_rows"] > 1

@@ -44,7 +44,9 @@ def report_data(store: Store) -> dict[str, Any]:
 
 
 def report_table(data: dict[str, Any]) -> Table:
-    table = Table(title=f"run {data['run_id']} ({data['task']}, {data['status']})")
+    val = "all" if not data["val_size"] else data["val_size"]
+    title = f"run {data['run_id']} ({data['task']}, {data['status']}; val subset: {val} items)"
+    table = Table(title=title)
     for col in ("version", "gen", "status", "split", "metric", "score", "n", "errors", "seconds"):
         table.add_column(
             col, justify="right" if col in {"score", "n", "errors", "seconds"} else "left"

@@ -3,11 +3,12 @@
 `PolicyBackend` and its request / result records live here (torch-free) so the server, this worker
 and any backend (`sialoop.policy.hf`, a vLLM one) share them without importing transformers.
 
-Worker guarantees: the backend's model-touching methods (`score`, `generate`, `add_adapter`) run only
-the worker thread, one at a time. Each drain takes the first pending job, waits up to `wait_s` for
-more, and serves up to `max_batch` jobs: calls (adapter registration) first, then scoring requests
-one by one (their prefixes are reused through the backend's LRU), then generation requests grouped
-by (adapter, sampling key) into batched `generate` calls of at most `max_batch` rows.
+Worker guarantees: the backend's model-touching methods (`score`, `generate`, `add_adapter`) run
+only on the worker thread, one at a time. Each drain takes the first pending job (waiting up to
+`wait_s` for company when it is a generation request) and serves up to `max_batch` jobs: calls
+(adapter registration) first, then scoring requests one by one (their prefixes are reused through
+the backend's LRU), then generation requests grouped by (adapter, sampling key) into batched
+`generate` calls of at most `max_batch` rows.
 A failing job fails only its own future (a failed generation batch is retried request by request
 to find the culprit); the worker keeps going.
 Not guaranteed: first-come-first-served order across kinds within one drain.
@@ -129,7 +130,7 @@ class Batcher:
     """Owns the worker thread; `submit_*` are safe from any thread and return futures."""
 
     def __init__(
-        self, backend: PolicyBackend, max_batch: int | None = None, wait_s: float = 0.005
+        self, backend: PolicyBackend, max_batch: int | None = None, wait_s: float = 0.01
     ) -> None:
         self.backend = backend
         self.max_batch = max_batch or backend.max_batch
@@ -179,10 +180,12 @@ class Batcher:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             jobs, stop = [job], False
-            deadline = time.monotonic() + self.wait_s
+            # Only generation gains from company; scoring and calls take what is already queued.
+            deadline = time.monotonic() + (self.wait_s if job.kind == "generate" else 0.0)
             while len(jobs) < self.max_batch:
                 try:
-                    more = self._queue.get(timeout=max(deadline - time.monotonic(), 1e-4))
+                    left = deadline - time.monotonic()
+                    more = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:

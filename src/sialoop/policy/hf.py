@@ -12,12 +12,14 @@ Scoring (`score`, the hot path of option-ranking harnesses) guarantees:
   same prefix sent again (or extended) is not recomputed; cached caches are copied, never mutated;
 - the suffixes run as right-padded batches of `score_chunk` over a copy of the prefix cache, and
   full-vocabulary logits exist only for positions whose logprob is returned (`_HEAD_ROWS` rows at
-  a time), never for the whole sequence.
+  a time), once per distinct token path (options sharing leading tokens share those rows).
 
 Extension, `logprobs_from` (the HTTP field `echo_logprobs_from`): a character offset into each
 prompt; tokens whose text starts before it get logprob None and their logits are never computed.
 The cached prefix then stops at the first scored token, so the same context sent with other
 options (in this or a later request) reuses it. A token that straddles the offset is not scored.
+Without it, a one-prompt request caches that whole prompt, so options sent one per request share
+work only through the extension (or by sending them together).
 
 Generation (`generate`) runs one left-padded `model.generate` call for requests that share an
 adapter and sampling key (temperature, top_p, seed); max_tokens and stop strings are per request.
@@ -223,15 +225,21 @@ class HFBackend:
         self.stats["head_rows"] += hidden.shape[0]
         return torch.log_softmax(logits, dim=-1)
 
-    def _gather(self, hidden: torch.Tensor, targets: list[int], top_n: int):
-        """Logprob of `targets[r]` under row r, and its top-N (id, logprob), `_HEAD_ROWS` at a time."""
-        lps: list[float] = []
-        tops: list[list[tuple[int, float]] | None] = []
-        target = torch.tensor(targets, dtype=torch.long).unsqueeze(1)
-        for a in range(0, len(targets), _HEAD_ROWS):
+    def _gather(self, hidden: torch.Tensor, row_of: list[int], targets: list[int], top_n: int):
+        """Per use u: logprob of `targets[u]` under hidden row `row_of[u]`, and that row's top-N.
+
+        Each row's full-vocab log-softmax is computed once, `_HEAD_ROWS` rows at a time.
+        """
+        lps: list[float] = [0.0] * len(targets)
+        tops: list[list[tuple[int, float]] | None] = [None] * len(targets)
+        for a in range(0, hidden.shape[0], _HEAD_ROWS):
             lsm = self._log_softmax(hidden[a : a + _HEAD_ROWS])
-            lps += lsm.gather(1, target[a : a + _HEAD_ROWS])[:, 0].tolist()
-            tops += _topk(lsm, top_n)
+            top = _topk(lsm, top_n)
+            uses = [u for u, r in enumerate(row_of) if a <= r < a + _HEAD_ROWS]
+            rows = torch.tensor([row_of[u] - a for u in uses], dtype=torch.long)
+            values = lsm[rows, torch.tensor([targets[u] for u in uses], dtype=torch.long)]
+            for u, value in zip(uses, values.tolist(), strict=True):
+                lps[u], tops[u] = value, top[row_of[u] - a]
         return lps, tops
 
     # ---- scoring --------------------------------------------------------------------------------
@@ -310,7 +318,8 @@ class HFBackend:
         shared = sorted({p for s in starts for p in range(s - 1, n - 1)})
         todo = [p for p in shared if (p, top_n) not in entry.rows]
         if todo:
-            lps, tops = self._gather(entry.hidden[todo], [entry.ids[p + 1] for p in todo], top_n)
+            targets = [entry.ids[p + 1] for p in todo]
+            lps, tops = self._gather(entry.hidden[todo], list(range(len(todo))), targets, top_n)
             entry.rows.update(
                 {(p, top_n): (lp, top) for p, lp, top in zip(todo, lps, tops, strict=True)}
             )
@@ -337,19 +346,28 @@ class HFBackend:
             for i, (e, s) in enumerate(zip(encs, starts, strict=True))
             if len(e.ids) - 1 >= max(s, n + 1)
         ]
+        if not todo:
+            return
         todo.sort(key=lambda i: len(encs[i].ids))
+        # Options that share leading tokens share hidden states there: one row per token path.
+        paths: dict[tuple[int, ...], int] = {}
+        rows: list[torch.Tensor] = []
+        row_of, targets, where = [], [], []
         for a in range(0, len(todo), self.score_chunk):
             chunk = todo[a : a + self.score_chunk]
             hidden = self._run_suffixes(entry, [encs[i].ids[n:-1] for i in chunk])
-            rows, targets, where = [], [], []
             for b, i in enumerate(chunk):
-                for j in range(max(starts[i], n + 1), len(encs[i].ids)):
-                    rows.append(hidden[b, j - 1 - n])
-                    targets.append(encs[i].ids[j])
+                ids = encs[i].ids
+                for j in range(max(starts[i], n + 1), len(ids)):
+                    if (path := tuple(ids[n:j])) not in paths:
+                        paths[path] = len(rows)
+                        rows.append(hidden[b, j - 1 - n])
+                    row_of.append(paths[path])
+                    targets.append(ids[j])
                     where.append((i, j))
-            lps, tops = self._gather(torch.stack(rows), targets, top_n)
-            for (i, j), lp, top in zip(where, lps, tops, strict=True):
-                work.lp[i][j], work.top[i][j] = lp, top
+        lps, tops = self._gather(torch.stack(rows), row_of, targets, top_n)
+        for (i, j), lp, top in zip(where, lps, tops, strict=True):
+            work.lp[i][j], work.top[i][j] = lp, top
 
     def _run_suffixes(self, entry: _Prefix, suffixes: list[list[int]]) -> torch.Tensor:
         n, width = len(entry.ids), max(len(s) for s in suffixes)

@@ -1,0 +1,60 @@
+"""Harness templates: the prompts they build are locked by golden files; both validate."""
+
+import json
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+
+from sialoop.harness.program import validate_harness
+from sialoop.harness.templates import template_source
+
+GOLDEN = Path(__file__).parent / "golden"
+TRAIN = [
+    {"id": str(i), "text": f"被告人{i}号于某日在某地实施了行为{i % 3}。", "label": label}
+    for i, label in enumerate(["盗窃", "盗窃", "故意伤害", "诈骗", "盗窃", "诈骗"])
+]
+
+
+@pytest.fixture
+def public_cwd(tmp_path: Path):
+    public = tmp_path / "public"
+    public.mkdir()
+    (public / "train.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TRAIN)
+    )
+    (public / "options.json").write_text(
+        json.dumps(["盗窃", "故意伤害", "诈骗"], ensure_ascii=False)
+    )
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)
+
+
+def _load(name: str, where: Path) -> dict:
+    path = where / name
+    path.write_text(template_source(name))
+    return runpy.run_path(str(path))
+
+
+@pytest.mark.parametrize("selection", ["fixed", "similar"])
+def test_lawbench_prompt_matches_golden(public_cwd: Path, selection: str):
+    module = _load("lawbench_fewshot.py", public_cwd)
+    module["prompt"].__globals__["EXAMPLE_SELECTION"] = selection
+    text = "被告人9号于某日在某地实施了行为0。"
+    near = module["neighbours"](text)
+    rendered = module["prompt"](text, near)
+    golden = GOLDEN / f"lawbench_fewshot_{selection}.txt"
+    if os.environ.get("SIALOOP_UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text()
+    assert module["shortlist"](near) == ["诈骗", "盗窃", "故意伤害"]  # nearest first, no repeats
+
+
+def test_templates_validate(public_cwd: Path):
+    for name in ("lawbench_fewshot.py", "option_scoring.py"):
+        path = public_cwd / name
+        path.write_text(template_source(name))
+        validate_harness(path, public_dir=public_cwd / "public")
