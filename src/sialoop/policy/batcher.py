@@ -130,7 +130,7 @@ class Batcher:
     """Owns the worker thread; `submit_*` are safe from any thread and return futures."""
 
     def __init__(
-        self, backend: PolicyBackend, max_batch: int | None = None, wait_s: float = 0.01
+        self, backend: PolicyBackend, max_batch: int | None = None, wait_s: float = 0.02
     ) -> None:
         self.backend = backend
         self.max_batch = max_batch or backend.max_batch

@@ -135,7 +135,7 @@ class AdapterBody(BaseModel):
     path: str
 
 
-def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.01) -> FastAPI:
+def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02) -> FastAPI:
     """The endpoint over `backend`; serve it with lifespan on (it starts the model worker)."""
     batcher = Batcher(backend, wait_s=wait_s)
 
@@ -489,7 +489,7 @@ class PolicyServer:
         recorder: Recorder,
         host: str = "127.0.0.1",
         port: int = 0,
-        wait_s: float = 0.01,
+        wait_s: float = 0.02,
     ) -> None:
         self.app = create_app(backend, recorder, wait_s=wait_s)
         self.host, self.port = host, port
