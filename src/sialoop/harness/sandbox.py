@@ -15,7 +15,7 @@ Guaranteed (for a harness that does not deliberately attack the sandbox):
   replaced or the sandbox closes; the task's `public_dir` linked in as `public/`.
 - An environment of PATH, locale, PYTHONPATH, HOME/TMPDIR and one-thread caps for BLAS/OpenMP:
   no API keys or tokens from the parent's environment.
-- An audit hook (`worker.AuditGuard`) refusing, with PermissionError and ErrorKind.forbidden
+- An audit hook (`guard.AuditGuard`) refusing, with PermissionError and ErrorKind.forbidden
   even if the harness catches it: fork/exec/spawn/subprocess/system (including
   `_posixsubprocess.fork_exec`, which multiprocessing and joblib's loky use); connecting or
   sending to anything but the policy endpoint's host:port; binding outside loopback; DNS
@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -64,16 +63,17 @@ import sialoop
 from sialoop.errors import ConfigError, DataError
 from sialoop.harness.program import HarnessInvalid
 from sialoop.harness.worker import (
-    HEADER,
-    MAX_OUTPUT_BYTES,
+    PipeClosed,
+    PipeTimeout,
     WorkerConfig,
     WorkerReply,
     WorkerRequest,
     encode_frame,
+    read_frame,
+    write_frame,
 )
 from sialoop.records import ErrorKind, Record, RolloutError, new_id
 
-_MAX_FRAME = 8 * MAX_OUTPUT_BYTES  # JSON-in-JSON escaping can grow the output's text
 _EXIT_GRACE_S = 1.0  # after EOF, how long a dying worker gets to exit with its own status
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 _FIXED_ENV = {
@@ -119,63 +119,10 @@ class SandboxResult(Record):
     seconds: float
 
 
-class _Timeout(Exception):
-    pass
-
-
-class _Closed(Exception):
-    pass
-
-
 class _WorkerGone(Exception):
     def __init__(self, error: RolloutError):
         super().__init__(error.message)
         self.error = error
-
-
-# -- deadline-aware pipe I/O (the parent's side; its ends are non-blocking) --------------------
-def _wait(fd: int, events: int, deadline: float) -> None:
-    poller = select.poll()
-    poller.register(fd, events)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Timeout
-        if poller.poll(max(1, int(remaining * 1000))):
-            return
-
-
-def _read_exact(fd: int, n: int, deadline: float) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        _wait(fd, select.POLLIN, deadline)
-        try:
-            chunk = os.read(fd, min(n - len(buf), 1 << 20))
-        except BlockingIOError:
-            continue
-        if not chunk:
-            raise _Closed
-        buf += chunk
-    return bytes(buf)
-
-
-def _receive(fd: int, deadline: float) -> bytes:
-    (size,) = HEADER.unpack(_read_exact(fd, HEADER.size, deadline))
-    if size > _MAX_FRAME:
-        raise _Closed  # not something our worker writes: treat the channel as broken
-    return _read_exact(fd, size, deadline)
-
-
-def _write_all(fd: int, data: bytes, deadline: float) -> None:
-    view = memoryview(data)
-    while view:
-        _wait(fd, select.POLLOUT, deadline)
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            continue
-        except BrokenPipeError as err:
-            raise _Closed from err
 
 
 # -- the child process -------------------------------------------------------------------------
@@ -431,16 +378,16 @@ class Sandbox:
         worker = _Worker(config, _worker_env(workdir), self._log)
         deadline = time.monotonic() + self._limits.startup_timeout_s
         try:
-            _write_all(worker.request_fd, encode_frame(config), deadline)
-            reply = WorkerReply.model_validate_json(_receive(worker.reply_fd, deadline))
-        except _Timeout:
+            write_frame(worker.request_fd, encode_frame(config), deadline)
+            reply = WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
+        except PipeTimeout:
             worker.stop()
             message = (
                 f"the worker did not start within {self._limits.startup_timeout_s:g} s "
                 "(slow module-level code in the harness?)"
             )
             return RolloutError(kind=ErrorKind.timeout, message=message)
-        except (_Closed, ValidationError):
+        except (PipeClosed, ValidationError):
             error = _death(worker.stop(_EXIT_GRACE_S), "while starting")
             last = self._read_log().strip().splitlines()[-1:]  # often the reason, e.g. a traceback
             note = f"; last log line: {last[0][:300]}" if last else ""
@@ -456,16 +403,16 @@ class Sandbox:
         assert worker is not None  # _ensure_worker() just succeeded
         deadline = time.monotonic() + self._limits.timeout_s
         try:
-            _write_all(worker.request_fd, request, deadline)
-            return WorkerReply.model_validate_json(_receive(worker.reply_fd, deadline))
-        except _Timeout:
+            write_frame(worker.request_fd, request, deadline)
+            return WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
+        except PipeTimeout:
             self._stop_worker()
             message = (
                 f"no answer within {self._limits.timeout_s:g} s; "
                 "the worker's process group was killed"
             )
             raise _WorkerGone(RolloutError(kind=ErrorKind.timeout, message=message)) from None
-        except (_Closed, ValidationError):
+        except (PipeClosed, ValidationError):
             code = self._stop_worker(_EXIT_GRACE_S)
             raise _WorkerGone(_death(code, "during the instance")) from None
 

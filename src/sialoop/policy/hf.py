@@ -23,7 +23,8 @@ work only through the extension (or by sending them together).
 
 Generation (`generate`) runs one left-padded `model.generate` call for requests that share an
 adapter and sampling key (temperature, top_p, seed); max_tokens and stop strings are per request.
-Returned logprobs are the model's own (before temperature and top-p), as for scoring.
+Returned logprobs are the model's own (before temperature and top-p), as for scoring. The
+sampling config, padding, logprob recording and stop handling live in `sialoop.policy.generation`.
 
 Not guaranteed: thread safety (the server calls everything but `model_names` from one worker
 thread); bitwise equality between batched and unbatched runs (padding changes kernel shapes);
@@ -46,11 +47,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 
@@ -66,6 +64,13 @@ from sialoop.policy.batcher import (
     ScoredPrompt,
     ScoreRequest,
     TokenLogprobs,
+)
+from sialoop.policy.generation import (
+    LogprobRecorder,
+    RowStops,
+    generation_config,
+    left_pad,
+    tokens_until,
 )
 
 __all__ = ["HFBackend", "PolicyBackend"]  # the contract lives in batcher.py, its one caller
@@ -402,17 +407,19 @@ class HFBackend:
         longest = max(len(encs[i].ids) + requests[i].params.max_tokens for i in rows)
         if self._max_len and longest > self._max_len:
             raise RequestError(f"prompt plus max_tokens exceeds the model's {self._max_len} tokens")
-        ids, mask = _left_pad([encs[i].ids for i in rows], self._pad)
+        ids, mask = left_pad([encs[i].ids for i in rows], self._pad)
         wanted = [r.params.logprobs for r in requests if r.params.logprobs is not None]
-        recorder = _LogprobRecorder(max(wanted)) if wanted else None
-        stops = _RowStops(self._tok, ids.shape[1], limits, [requests[i].params.stop for i in rows])
+        recorder = LogprobRecorder(max(wanted)) if wanted else None
+        stops = RowStops(self._tok, ids.shape[1], limits, [requests[i].params.stop for i in rows])
         if first.params.seed is not None:
             torch.manual_seed(first.params.seed)
         with self._use(first.adapter):
             seqs = self._lm.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                generation_config=self._generation_config(first.params, max(limits)),
+                generation_config=generation_config(
+                    first.params, max(limits), self._pad, self._eos, self._bos
+                ),
                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
                 stopping_criteria=StoppingCriteriaList([stops]),
             )
@@ -425,19 +432,6 @@ class HFBackend:
             lps = recorder.row(r, len(new)) if recorder and want is not None else None
             out[i].append(self._finish(encs[i].ids, new, requests[i].params, lps, want))
         return out
-
-    def _generation_config(self, params: SamplingParams, max_new: int) -> GenerationConfig:
-        """Explicit settings only, so no model default (top_k, ...) leaks into sampling."""
-        sample = params.temperature > 0
-        return GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample and params.top_p < 1 else None,
-            pad_token_id=self._pad,
-            eos_token_id=self._eos,
-            bos_token_id=self._bos,
-        )
 
     def _finish(
         self, prompt_ids: list[int], new: list[int], params: SamplingParams, lps, top_n: int | None
@@ -452,7 +446,7 @@ class HFBackend:
         if cut >= 0:
             stop = next(s for s in params.stop if text.find(s) == cut)
             text, reason = text[:cut], "stop"
-            new = new[: _tokens_until(self._tok, new, stop)]
+            new = new[: tokens_until(self._tok, new, stop)]
         logprobs = None
         if lps is not None:
             logprobs = self._completion_logprobs(new, lps, top_n or 0)
@@ -479,17 +473,6 @@ def _topk(lsm: torch.Tensor, top_n: int) -> list[list[tuple[int, float]] | None]
     ]
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask with every row's last token in the same (last) column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[r, width - len(row) :] = 1
-    return ids, mask
-
-
 def _common_prefix(seqs: list[list[int]]) -> int:
     first, n = seqs[0], min(len(s) for s in seqs)
     for s in seqs[1:]:
@@ -507,84 +490,3 @@ def _first_scored(encs: list[_Encoded], logprobs_from: tuple[int, ...] | None, n
         max(1, next((j for j, (s, _) in enumerate(enc.spans) if s >= k), len(enc.ids)))
         for enc, k in zip(encs, logprobs_from, strict=True)
     ]
-
-
-def _tokens_until(tok: PreTrainedTokenizerBase, ids: list[int], stop: str) -> int:
-    """Fewest leading tokens whose text contains `stop` (binary search: containment is monotone)."""
-    lo, hi = 1, len(ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if stop in tok.decode(ids[:mid], skip_special_tokens=True):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
-
-
-class _LogprobRecorder(LogitsProcessor):
-    """Records the logprob (and top-N) of each sampled token from the raw next-token scores.
-
-    transformers applies user processors before its temperature / top-p warpers, so these are the
-    model's own logprobs. A step's token is known only at the next call (or `finish`).
-    """
-
-    def __init__(self, top_n: int) -> None:
-        self.top_n = top_n
-        self._prev: torch.Tensor | None = None
-        self.chosen: list[torch.Tensor] = []
-        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._prev is not None:
-            self._take(input_ids[:, -1])
-        self._prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, last: torch.Tensor) -> None:
-        if self._prev is not None:
-            self._take(last)
-            self._prev = None
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        assert self._prev is not None
-        self.chosen.append(self._prev.gather(1, tokens[:, None].long())[:, 0])
-        if self.top_n:
-            self.top.append(self._prev.topk(self.top_n, dim=-1))
-
-    def row(self, r: int, length: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        chosen = [float(step[r]) for step in self.chosen[:length]]
-        tops = [
-            list(zip(ix[r].tolist(), v[r].tolist(), strict=True)) for v, ix in self.top[:length]
-        ]
-        return chosen, tops
-
-
-class _RowStops(StoppingCriteria):
-    """Per-row max_tokens and stop strings inside one batched `generate` call."""
-
-    def __init__(
-        self,
-        tok: PreTrainedTokenizerBase,
-        prompt_len: int,
-        limits: list[int],
-        stops: list[tuple[str, ...]],
-    ) -> None:
-        self.tok, self.prompt_len, self.limits, self.stops = tok, prompt_len, limits, stops
-        # A stop string of c characters spans at most 4c tokens (byte-fallback pieces).
-        self.tail = 4 * max((len(s) for ss in stops for s in ss), default=0) + 4
-        self.ends: list[int | None] = [None] * len(limits)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len :]
-        for r, limit in enumerate(self.limits):
-            if self.ends[r] is not None:
-                continue
-            hit = new.shape[1] >= limit
-            if not hit and self.stops[r]:
-                tail = self.tok.decode(new[r, -self.tail :], skip_special_tokens=True)
-                hit = any(s in tail for s in self.stops[r])
-            if hit:
-                self.ends[r] = new.shape[1]
-        return torch.tensor(
-            [e is not None for e in self.ends], dtype=torch.bool, device=input_ids.device
-        )

@@ -21,6 +21,9 @@ failure is logged and never fails the request. Errors use OpenAI's error body: a
 400 with a one-line message, an unknown model 404 listing the available ones, a model failure 500;
 the server keeps serving after any of them. Logprobs `text_offset`s index the returned `text`.
 Not supported (400): streaming, best_of > 1, penalties, logit_bias, suffix, token-id prompts.
+
+This module is the FastAPI app and `PolicyServer`; the request bodies, the chat rendering and the
+response shapes are in `sialoop.policy.openai_api`.
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from sialoop.errors import PolicyError
@@ -51,13 +52,22 @@ from sialoop.policy.batcher import (
     BASE,
     Batcher,
     GenerateRequest,
-    Generation,
     PolicyBackend,
     RequestError,
-    SamplingParams,
-    ScoredPrompt,
     ScoreRequest,
-    TokenLogprobs,
+)
+from sialoop.policy.openai_api import (
+    AdapterBody,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    Served,
+    as_served,
+    chat_choice,
+    envelope,
+    render_chat,
+    score_from,
+    text_choice,
 )
 from sialoop.policy.recorder import Recorder
 from sialoop.records import LLMCall
@@ -67,72 +77,6 @@ log = logging.getLogger(__name__)
 EPISODE_HEADER = "X-Sialoop-Episode"
 ADAPTER_HEADER = "X-Sialoop-Adapter"
 POLICY_ALIAS = "policy"
-TRANSCRIPT_STOP = "\nUser:"
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-class _Sampling(BaseModel):
-    """Fields shared by both endpoints; None means the OpenAI default."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    def sampling(
-        self, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = ()
-    ) -> SamplingParams:
-        if self.stream:
-            raise ApiError(400, "stream=true is not supported", param="stream")
-        if self.frequency_penalty or self.presence_penalty or self.logit_bias:
-            raise ApiError(400, "penalties and logit_bias are not supported")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            n=self.n or 1,
-            stop=tuple(s for s in (*stop, *extra_stop) if s),
-            seed=self.seed,
-            logprobs=logprobs,
-        )
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
-    echo_logprobs_from: int | list[int] | None = None
-
-
-class ChatBody(_Sampling):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class AdapterBody(BaseModel):
-    name: str
-    path: str
 
 
 def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02) -> FastAPI:
@@ -175,7 +119,7 @@ def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02)
         choices, served = await _complete(batcher, body, adapter)
         params = body.model_dump(exclude={"prompt"}, exclude_unset=True)
         await _record(recorder, served, _common(request, "completions", adapter, params, started))
-        return _envelope("text_completion", "cmpl", adapter, choices, served)
+        return envelope("text_completion", "cmpl", adapter, choices, served)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> dict[str, Any]:
@@ -186,16 +130,16 @@ def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02)
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         params = body.sampling(max_tokens, top, extra_stop)
         generations = await _wait(batcher.submit_generate(GenerateRequest(adapter, prompt, params)))
-        choices = [_chat_choice(k, g, bool(extra_stop), top) for k, g in enumerate(generations)]
+        choices = [chat_choice(k, g, bool(extra_stop), top) for k, g in enumerate(generations)]
         served = [
-            _served(body.messages, g.prompt_token_ids, g, c["message"]["content"], g.logprobs)
+            as_served(body.messages, g.prompt_token_ids, g, c["message"]["content"], g.logprobs)
             for g, c in zip(generations, choices, strict=True)
         ]
         sent = body.model_dump(exclude={"messages"}, exclude_unset=True)
         await _record(
             recorder, served, _common(request, "chat.completions", adapter, sent, started)
         )
-        return _envelope("chat.completion", "chatcmpl", adapter, choices, served)
+        return envelope("chat.completion", "chatcmpl", adapter, choices, served)
 
     return app
 
@@ -249,7 +193,7 @@ async def _wait(future: Future) -> Any:
 
 async def _complete(
     batcher: Batcher, body: CompletionBody, adapter: str
-) -> tuple[list[dict], list[_Served]]:
+) -> tuple[list[dict], list[Served]]:
     """Runs scoring and/or generation for every prompt; returns the choices and their records."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not prompts:
@@ -261,7 +205,7 @@ async def _complete(
     echo_lp = bool(body.echo) and body.logprobs is not None
     scored_future = None
     if body.echo or max_tokens == 0:
-        froms = _score_from(body, prompts, echo_lp)
+        froms = score_from(body, prompts, echo_lp)
         request = ScoreRequest(adapter, tuple(prompts), body.logprobs or 0, froms)
         scored_future = batcher.submit_score(request)
     gen_futures = []
@@ -276,159 +220,10 @@ async def _complete(
         for k in range(params.n):
             gen = generations[i][k] if generations else None
             echoed = scored[i] if scored else None
-            choice, call = _text_choice(len(choices), prompt, body, echoed, gen)
+            choice, call = text_choice(len(choices), prompt, body, echoed, gen)
             choices.append(choice)
             served.append(call)
     return choices, served
-
-
-def _text_choice(
-    index: int,
-    prompt: str,
-    body: CompletionBody,
-    scored: ScoredPrompt | None,
-    gen: Generation | None,
-) -> tuple[dict[str, Any], _Served]:
-    """One legacy-completions choice: echoed prompt and/or generation, joined logprobs."""
-    echo_lp = scored.logprobs if scored and body.echo and body.logprobs is not None else None
-    gen_lp = gen.logprobs if gen else None
-    logprobs = _join(echo_lp, gen_lp, len(prompt) if body.echo else 0, body.logprobs)
-    completion = gen.text if gen else ""
-    choice = {
-        "index": index,
-        "text": (prompt if body.echo else "") + completion,
-        "logprobs": _lp_json(logprobs),
-        "finish_reason": gen.finish_reason if gen else "length",
-    }
-    prompt_ids = gen.prompt_token_ids if gen else scored.token_ids
-    return choice, _served(prompt, prompt_ids, gen, completion, logprobs)
-
-
-def _score_from(body: CompletionBody, prompts: list[str], echo_lp: bool) -> tuple[int, ...] | None:
-    """Per-prompt offset of the first scored token; len(prompt) when no prompt logprob is returned."""
-    if not echo_lp:
-        return tuple(len(p) for p in prompts)
-    k = body.echo_logprobs_from
-    if k is None:
-        return None
-    return tuple(k) if isinstance(k, list) else (k,) * len(prompts)
-
-
-def _join(
-    echoed: TokenLogprobs | None, generated: TokenLogprobs | None, shift: int, wanted: int | None
-) -> TokenLogprobs | None:
-    if wanted is None:
-        return None
-    parts = [
-        p
-        for p in (
-            echoed,
-            generated
-            and replace(generated, text_offset=[o + shift for o in generated.text_offset]),
-        )
-        if p
-    ]
-    tops = (
-        None
-        if not wanted
-        else [t for p in parts for t in (p.top_logprobs or [None] * len(p.tokens))]
-    )
-    return TokenLogprobs(
-        tokens=[t for p in parts for t in p.tokens],
-        token_logprobs=[v for p in parts for v in p.token_logprobs],
-        top_logprobs=tops,
-        text_offset=[o for p in parts for o in p.text_offset],
-    )
-
-
-def _lp_json(lp: TokenLogprobs | None) -> dict[str, Any] | None:
-    if lp is None:
-        return None
-    return {
-        "tokens": lp.tokens,
-        "token_logprobs": lp.token_logprobs,
-        "top_logprobs": lp.top_logprobs,
-        "text_offset": lp.text_offset,
-    }
-
-
-def _chat_choice(index: int, gen: Generation, strip: bool, top: int | None) -> dict[str, Any]:
-    content = gen.text.lstrip() if strip else gen.text
-    logprobs = None
-    if top is not None and gen.logprobs is not None:
-        lp = gen.logprobs
-        content_lp = []
-        for j, token in enumerate(lp.tokens):
-            alts = (lp.top_logprobs or [None] * len(lp.tokens))[j] or {}
-            content_lp.append(
-                {
-                    "token": token,
-                    "logprob": lp.token_logprobs[j],
-                    "bytes": list(token.encode()),
-                    "top_logprobs": [
-                        {"token": t, "logprob": v, "bytes": list(t.encode())}
-                        for t, v in list(alts.items())[:top]
-                    ],
-                }
-            )
-        logprobs = {"content": content_lp}
-    message = {"role": "assistant", "content": content}
-    return {
-        "index": index,
-        "message": message,
-        "logprobs": logprobs,
-        "finish_reason": gen.finish_reason,
-    }
-
-
-def render_chat(
-    backend: PolicyBackend, messages: list[dict[str, Any]]
-) -> tuple[str, tuple[str, ...]]:
-    """The prompt text for `messages`, and the stop strings its format implies (see module doc)."""
-    texts = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        if not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise ApiError(
-                400, "each message needs a string role and text content", param="messages"
-            )
-        texts.append((m["role"], content))
-    tok = backend.tokenizer
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": r, "content": c} for r, c in texts]
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), ()
-    lines = [f"{role.capitalize()}: {content}" for role, content in texts]
-    return "\n".join([*lines, "Assistant:"]), (TRANSCRIPT_STOP,)
-
-
-@dataclass
-class _Served:
-    """One choice as served; `_record` adds the request-level fields to make an LLMCall."""
-
-    prompt: Any
-    completion: str
-    prompt_token_ids: list[int]
-    completion_token_ids: list[int]
-    token_logprobs: list[float | None] | None
-
-
-def _served(
-    prompt: Any,
-    prompt_ids: list[int],
-    gen: Generation | None,
-    completion: str,
-    lp: TokenLogprobs | None,
-) -> _Served:
-    completion_ids = list(gen.token_ids) if gen else []
-    return _Served(
-        prompt,
-        completion,
-        list(prompt_ids),
-        completion_ids,
-        list(lp.token_logprobs) if lp else None,
-    )
 
 
 def _common(
@@ -444,7 +239,7 @@ def _common(
     }
 
 
-async def _record(recorder: Recorder, served: list[_Served], common: dict[str, Any]) -> None:
+async def _record(recorder: Recorder, served: list[Served], common: dict[str, Any]) -> None:
     """One LLMCall per choice, written before the response goes out; failures are only logged."""
 
     def write() -> None:
@@ -455,25 +250,6 @@ async def _record(recorder: Recorder, served: list[_Served], common: dict[str, A
                 log.exception("recording a policy call failed")
 
     await run_in_threadpool(write)
-
-
-def _envelope(
-    kind: str, prefix: str, model: str, choices: list[dict], calls: list[_Served]
-) -> dict[str, Any]:
-    prompt_tokens = sum(len(c.prompt_token_ids) for c in calls)
-    completion_tokens = sum(len(c.completion_token_ids) for c in calls)
-    return {
-        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
 
 
 class PolicyServer:
