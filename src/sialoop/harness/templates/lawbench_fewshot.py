@@ -1,9 +1,10 @@
 """Generation-0 harness for LawBench charge prediction with a base (not instruction-tuned) model.
 
 A completion prompt with a few train examples; the answer is the shortlisted charge with the
-highest log-probability under the policy. The shortlist is the charges of the nearest train
-cases by character n-gram TF-IDF, fitted on the public train split only. The constants below
-are the knobs the Meta-Agent's operators turn.
+highest log-probability under the policy (optionally plus a weighted prior from the shortlist's
+retriever or classifier). The shortlist comes from the nearest train cases by character n-gram
+TF-IDF, or from a linear classifier on the same features, both fitted on the public train split
+only. The constants below are the knobs the Meta-Agent's operators turn.
 """
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.svm import LinearSVC
 
 from sialoop.harness.kit import argmax, read_jsonl, score_options
 
@@ -19,7 +21,9 @@ EXAMPLE_SELECTION = "fixed"  # "fixed": one case of each of the most frequent ch
 EXAMPLE_CHARS = 160
 QUERY_CHARS = 400
 SHORTLIST = 8
+SHORTLIST_SOURCE = "neighbours"  # "neighbours" (TF-IDF nearest train cases) or "classifier"
 NEIGHBOURS = 40
+PRIOR_WEIGHT = 0.0  # weight of log(shortlist prior) added to the option's log-probability
 NORMALIZE = "sum"  # "sum" or "mean" of the option's token log-probabilities
 INSTRUCTION = "根据案情描述，判断被告人的罪名。\n\n"
 TEMPLATE = "案情：{text}\n罪名：{label}\n\n"
@@ -57,6 +61,30 @@ def shortlist(near):
     return picked
 
 
+_CLASSIFIER = None
+
+
+def classifier_shortlist(text):
+    """Top charges by a LinearSVC on the TF-IDF features, with softmax-normalised margins."""
+    global _CLASSIFIER
+    if _CLASSIFIER is None:  # fitted on first use, so harnesses that never ask pay nothing
+        _CLASSIFIER = LinearSVC(C=0.5).fit(_MATRIX, [r["label"] for r in _TRAIN])
+    margins = _CLASSIFIER.decision_function(_VECTORIZER.transform([text]))[0]
+    top = np.argsort(-margins)[:SHORTLIST]
+    prior = np.exp(margins[top] - margins[top].max())
+    return [str(_CLASSIFIER.classes_[i]) for i in top], list(prior / prior.sum())
+
+
+def neighbour_prior(near, options):
+    """Share of the nearest cases' similarity mass on each option (rank-weighted vote)."""
+    votes = dict.fromkeys(options, 0.0)
+    for rank, i in enumerate(near):
+        if _TRAIN[i]["label"] in votes:
+            votes[_TRAIN[i]["label"]] += 1.0 / (rank + 1)
+    total = sum(votes.values()) or 1.0
+    return [votes[o] / total for o in options]
+
+
 def prompt(text, near):
     examples = _FIXED if EXAMPLE_SELECTION == "fixed" else [_TRAIN[i] for i in near[:N_EXAMPLES]]
     # The most similar example goes last, nearest to the query.
@@ -68,8 +96,17 @@ def prompt(text, near):
 
 def solve(instance, llm):
     near = neighbours(instance["text"])
-    options = shortlist(near) or _OPTIONS
+    if SHORTLIST_SOURCE == "classifier":
+        options, prior = classifier_shortlist(instance["text"])
+    else:
+        options = shortlist(near) or _OPTIONS
+        prior = neighbour_prior(near, options)
     scores = score_options(
         llm, prompt(instance["text"], near), options, suffix="\n", normalize=NORMALIZE
     )
-    return argmax(options, scores)
+    if PRIOR_WEIGHT:
+        scores = [
+            s + PRIOR_WEIGHT * float(np.log(p + 1e-3)) for s, p in zip(scores, prior, strict=True)
+        ]
+    ranked = [o for _, o in sorted(zip(scores, options, strict=True), key=lambda pair: -pair[0])]
+    return {"label": argmax(options, scores), "ranked": ranked}

@@ -1,0 +1,127 @@
+"""The offline Meta-Agent: turns a harness Decision into a new harness file through operators.
+
+It reads the Decision's focus (which family of knobs the evidence points at) and the
+incumbent's constants, and proposes the first move of that family not tried before on this
+parent; when the family is exhausted it moves on to the others. With no move left it proposes
+nothing, and the loop records that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sialoop.harness.operators import Operator, apply_operator, read_constants
+from sialoop.records import Decision
+
+Move = Callable[[dict[str, Any]], Operator | None]
+
+FAMILIES = ("examples", "shortlist", "scoring", "format")
+
+
+def _examples(c: dict[str, Any]) -> list[Operator | None]:
+    moves: list[Operator | None] = []
+    if c.get("EXAMPLE_SELECTION") == "fixed":
+        moves.append(
+            Operator(
+                family="examples",
+                assignments={"EXAMPLE_SELECTION": "similar"},
+                why="few-shot examples retrieved by similarity to the query",
+            )
+        )
+    if "N_EXAMPLES" in c:
+        for n in (c["N_EXAMPLES"] + 2, max(1, c["N_EXAMPLES"] - 1)):
+            moves.append(
+                Operator(
+                    family="examples",
+                    assignments={"N_EXAMPLES": n},
+                    why=f"{n} few-shot examples instead of {c['N_EXAMPLES']}",
+                )
+            )
+    if "EXAMPLE_CHARS" in c:
+        moves.append(
+            Operator(
+                family="examples",
+                assignments={"EXAMPLE_CHARS": c["EXAMPLE_CHARS"] + 80},
+                why="longer example texts",
+            )
+        )
+    return moves
+
+
+def _shortlist(c: dict[str, Any]) -> list[Operator | None]:
+    moves: list[Operator | None] = []
+    if c.get("SHORTLIST_SOURCE") == "neighbours":
+        moves.append(
+            Operator(
+                family="shortlist",
+                assignments={"SHORTLIST_SOURCE": "classifier"},
+                why="shortlist from a linear classifier fitted on train",
+            )
+        )
+    if "SHORTLIST" in c:
+        for k in (c["SHORTLIST"] * 2, max(2, c["SHORTLIST"] // 2)):
+            moves.append(
+                Operator(
+                    family="shortlist",
+                    assignments={"SHORTLIST": k},
+                    why=f"shortlist of {k} charges instead of {c['SHORTLIST']}",
+                )
+            )
+    return moves
+
+
+def _scoring(c: dict[str, Any]) -> list[Operator | None]:
+    moves: list[Operator | None] = []
+    if "PRIOR_WEIGHT" in c:
+        for w in (1.0, 3.0, 0.3):
+            if w != c["PRIOR_WEIGHT"]:
+                moves.append(
+                    Operator(
+                        family="scoring",
+                        assignments={"PRIOR_WEIGHT": w},
+                        why=f"vote of retrieval/classifier prior, weight {w}, with the LM score",
+                    )
+                )
+    if "NORMALIZE" in c:
+        other = "mean" if c["NORMALIZE"] == "sum" else "sum"
+        moves.append(
+            Operator(
+                family="scoring",
+                assignments={"NORMALIZE": other},
+                why=f"option log-probabilities normalised by {other}",
+            )
+        )
+    return moves
+
+
+def _format(c: dict[str, Any]) -> list[Operator | None]:
+    if "QUERY_CHARS" in c:
+        return [
+            Operator(
+                family="format",
+                assignments={"QUERY_CHARS": c["QUERY_CHARS"] + 200},
+                why="more of the case text in the prompt",
+            )
+        ]
+    return []
+
+
+_MOVES = {"examples": _examples, "shortlist": _shortlist, "scoring": _scoring, "format": _format}
+
+
+class OfflineMetaAgent:
+    """Proposes operator edits from the Decision's focus; never repeats an edit on a parent."""
+
+    def propose(self, source: str, decision: Decision, tried: set[str]) -> Operator | None:
+        constants = read_constants(source)
+        focus = decision.settings.get("focus")
+        order = [focus, *[f for f in FAMILIES if f != focus]] if focus in _MOVES else list(FAMILIES)
+        for family in order:
+            for op in _MOVES[family](constants):
+                if op is not None and op.key not in tried:
+                    return op
+        return None
+
+    def write(self, source: str, operator: Operator) -> str:
+        return apply_operator(source, operator)

@@ -1,0 +1,52 @@
+"""Operators rewrite exactly the named constants; the offline Meta-Agent follows the focus."""
+
+import ast
+
+import pytest
+
+from sialoop.agents.meta import OfflineMetaAgent
+from sialoop.harness.operators import Operator, OperatorError, apply_operator, read_constants
+from sialoop.harness.templates import template_source
+from sialoop.records import Decision, Lever
+
+SOURCE = template_source("lawbench_fewshot.py")
+
+
+def test_apply_rewrites_only_the_named_constants():
+    op = Operator(
+        family="shortlist", assignments={"SHORTLIST": 16, "SHORTLIST_SOURCE": "classifier"}, why="t"
+    )
+    out = apply_operator(SOURCE, op)
+    before, after = read_constants(SOURCE), read_constants(out)
+    assert after["SHORTLIST"] == 16 and after["SHORTLIST_SOURCE"] == "classifier"
+    assert {k: v for k, v in after.items() if k not in op.assignments} == {
+        k: v for k, v in before.items() if k not in op.assignments
+    }
+    changed = [a for a, b in zip(SOURCE.splitlines(), out.splitlines(), strict=True) if a != b]
+    assert len(changed) == 2
+    ast.parse(out)
+
+
+def test_unknown_constant_is_refused():
+    with pytest.raises(OperatorError, match="NOPE"):
+        apply_operator(SOURCE, Operator(family="format", assignments={"NOPE": 1}, why="t"))
+
+
+def _decision(focus: str) -> Decision:
+    return Decision(
+        run_id="r", generation=1, lever=Lever.harness, rationale="t", settings={"focus": focus}
+    )
+
+
+def test_meta_agent_follows_focus_and_never_repeats():
+    agent = OfflineMetaAgent()
+    first = agent.propose(SOURCE, _decision("shortlist"), set())
+    assert first is not None and first.family == "shortlist"
+    second = agent.propose(SOURCE, _decision("shortlist"), {first.key})
+    assert second is not None and second.key != first.key
+    tried: set[str] = set()
+    while (op := agent.propose(SOURCE, _decision("examples"), tried)) is not None:
+        assert op.key not in tried
+        tried.add(op.key)
+        ast.parse(agent.write(SOURCE, op))
+    assert {k.split(":")[0] for k in tried} == {"examples", "shortlist", "scoring", "format"}
