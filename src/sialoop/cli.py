@@ -75,6 +75,21 @@ def run(
     console.print(report_table(report_data(Store.open(root))))
 
 
+@app.command()
+@one_line_errors
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    data: DataOpt = None,
+) -> None:
+    """Continue a run that was stopped or killed at any point; prints the final table."""
+    from sialoop.loop import resume as resume_loop
+    from sialoop.report import report_data, report_table
+    from sialoop.store import Store
+
+    root = resume_loop(run_dir, console, data)
+    console.print(report_table(report_data(Store.open(root))))
+
+
 @app.command("eval")
 @one_line_errors
 def eval_(

@@ -41,6 +41,33 @@ class SandboxConfig(_Section):
     max_processes: int = Field(default=64, ge=1)
 
 
+class LoopConfig(_Section):
+    generations: int = Field(default=8, ge=0)  # generations after generation 0
+    minutes: float = Field(default=35.0, ge=0)  # wall budget of those generations
+    train_batch: int = Field(default=48, ge=2)  # train items rolled out per generation
+    train_items: int = Field(default=160, ge=2)  # train items whose prompts feed the trainer
+    levers: tuple[Literal["harness", "weights"], ...] = Field(
+        default=("harness", "weights"), min_length=1
+    )  # the levers the Feedback-Agent may pull (one of them for a harness- or weights-only run)
+    lever_patience: int = Field(default=2, ge=1)  # rejections in a row before a lever yields
+
+
+class GateConfig(_Section):
+    alpha: float = Field(default=0.1, gt=0, lt=1)  # one-sided p-value to accept
+    margin: float = Field(default=0.0, ge=0)  # val gain the candidate must exceed
+
+
+class TrainConfig(_Section):
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lr: float = Field(default=2e-4, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    max_steps: int = Field(default=40, ge=1)
+    max_len: int = Field(default=640, ge=16)
+    checkpoint_every: int = Field(default=10, ge=0)
+
+
 class RunConfig(_Section):
     task: str = "lawbench"
     data: Path = Field(default_factory=default_data_root)
@@ -51,6 +78,9 @@ class RunConfig(_Section):
     policy: PolicyConfig = PolicyConfig()
     split: SplitConfig = SplitConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    loop: LoopConfig = LoopConfig()
+    gate: GateConfig = GateConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -1,5 +1,6 @@
-"""The generation loop. Generation 0: the task's reference harness, scored on val as the
-baseline; the best version is then scored once on test by the evaluator."""
+"""The generation loop: roll out the incumbent, let the Feedback-Agent pick a lever, make a
+candidate, gate it on val. Every phase reads what the store already holds first, so `resume`
+continues a killed run without redoing scored trajectories or losing an accepted version."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sialoop.agents.evidence import Outcome
+from sialoop.agents.feedback import Budget, History, OfflineFeedbackAgent, OfflineFeedbackSettings
 from sialoop.config import RunConfig
-from sialoop.evaluator import evaluate_test
+from sialoop.evaluator import best_version, evaluate_test
+from sialoop.gate import GateSettings, gate
 from sialoop.harness.program import validate_harness
+from sialoop.levers import LEVERS, LoopContext
 from sialoop.policy.launch import serve_policy
 from sialoop.progress import phase_bar, spinner
-from sialoop.records import Decision, Lever, RunInfo, Version
-from sialoop.rollout import RolloutContext, evaluate
+from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
+from sialoop.rollout import evaluate, rollout
 from sialoop.store import Store
 from sialoop.tasks import Instance, Task, load_task
 
@@ -40,6 +45,8 @@ def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
 
 def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
     """Write and validate the first harness; a broken one stops the run with its error."""
+    if store.versions():
+        return store.version("v0")
     source = cfg.harness.read_text() if cfg.harness else task.reference_harness()
     version = Version(
         version_id="v0",
@@ -54,31 +61,161 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
     return version
 
 
+def _val(ctx: LoopContext, version: Version) -> list[Trajectory]:
+    """The version's val trajectories, scoring what is missing (and storing the Evaluation)."""
+    val = val_subset(ctx.task, ctx.cfg)
+    if not any(e.version_id == version.version_id for e in ctx.store.evaluations("val")):
+        with phase_bar(ctx.console, f"{version.version_id} on val", len(val)) as bar:
+            evaluate(ctx.rollout_ctx(version), val, bar)
+    ids = {i.id for i in val}
+    return [t for t in ctx.store.trajectories(version.version_id, "val") if t.instance_id in ids]
+
+
+def history(store: Store) -> History:
+    versions = {v.version_id: v for v in store.versions()}
+    val = {e.version_id: e.value or 0.0 for e in store.evaluations("val")}
+    outcomes = []
+    for d in store.decisions():
+        v = versions.get(f"v{d.generation}")
+        if d.generation == 0 or v is None or v.status == "candidate":
+            continue
+        scored = v.version_id in val and v.status != "broken"
+        gain = val[v.version_id] - val.get(v.parent_id or "", 0.0) if scored else 0.0
+        outcomes.append(
+            Outcome(
+                decision=d,
+                accepted=v.status == "accepted",
+                val_gain=gain,
+                minutes=v.detail.get("minutes", 0.0),
+            )
+        )
+    return History(outcomes=tuple(outcomes))
+
+
+def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Decision:
+    stored = [d for d in ctx.store.decisions() if d.generation == g]
+    if stored:
+        return stored[-1]
+    batch = ctx.train_sample(ctx.cfg.loop.train_batch, seed=ctx.cfg.seed + g)
+    with phase_bar(ctx.console, f"gen {g}: {incumbent.version_id} on train", len(batch)) as bar:
+        trajectories = rollout(ctx.rollout_ctx(incumbent), batch, bar)
+    levers = ctx.cfg.loop.levers
+    agent = OfflineFeedbackAgent(
+        OfflineFeedbackSettings(
+            harness_enabled="harness" in levers,
+            weights_enabled="weights" in levers,
+            lever_patience=ctx.cfg.loop.lever_patience,
+        )
+    )
+    decision = agent.decide(
+        trajectories, history(ctx.store), budget, run_id=incumbent.run_id, generation=g
+    )
+    ctx.store.add_decision(decision)
+    ctx.console.print(
+        f"[bold]gen {g} decision:[/] {decision.lever.value}"
+        f"{' (' + decision.method + ')' if decision.method else ''} — {decision.rationale}"
+    )
+    return decision
+
+
+def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
+    """One generation; False when the Feedback-Agent decides to stop."""
+    store, start = ctx.store, time.monotonic()
+    incumbent = best_version(store)
+    decision = _decide(ctx, g, incumbent, budget)
+    if decision.lever is Lever.stop:
+        return False
+    vid = f"v{g}"
+    existing = [v for v in store.versions() if v.version_id == vid]
+    candidate = (
+        existing[0]
+        if existing
+        else LEVERS[decision.lever.value].make(ctx, incumbent, decision, vid)
+    )
+    if candidate.status == "candidate":
+        store.put_version(candidate)
+        result = gate(
+            _val(ctx, incumbent),
+            _val(ctx, candidate),
+            GateSettings(alpha=ctx.cfg.gate.alpha, margin=ctx.cfg.gate.margin),
+        )
+        status = "accepted" if result.accepted else "rejected"
+        ctx.console.print(f"  {vid} {status}: {result.reason}")
+        candidate = candidate.model_copy(
+            update={
+                "status": status,
+                "detail": {**candidate.detail, "gate": result.model_dump(mode="json")},
+            }
+        )
+    elapsed = candidate.detail.get("minutes", 0.0) + (time.monotonic() - start) / 60
+    store.put_version(
+        candidate.model_copy(update={"detail": {**candidate.detail, "minutes": elapsed}})
+    )
+    return True
+
+
+def _loop(ctx: LoopContext) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    _val(ctx, generation_zero(store, ctx.task, cfg))
+    v0 = store.version("v0")
+    if v0.status == "candidate":
+        store.put_version(v0.model_copy(update={"status": "accepted"}))
+        ev = next(e for e in store.evaluations("val") if e.version_id == "v0")
+        store.add_decision(
+            Decision(
+                run_id=v0.run_id,
+                generation=0,
+                lever=Lever.baseline,
+                rationale="generation 0: the task's reference harness on the base model",
+                evidence={"val": ev.value, "n": ev.n, "errors": ev.n_errors},
+            )
+        )
+    used = sum(v.detail.get("minutes", 0.0) for v in store.versions())
+    started = time.monotonic() - used * 60
+    first = max(v.generation for v in store.versions()) + 1
+    if any(v.generation == first - 1 and v.status == "candidate" for v in store.versions()):
+        first -= 1  # a candidate killed before its gate: finish it
+    for g in range(max(1, first), cfg.loop.generations + 1):
+        left = cfg.loop.minutes - (time.monotonic() - started) / 60
+        budget = Budget(minutes_left=max(0.0, left), generations_left=cfg.loop.generations - g + 1)
+        if not generation(ctx, g, budget):
+            break
+
+
+def _adapters(store: Store) -> dict[str, Path]:
+    return {
+        v.adapter: store.path(f"adapters/{v.adapter}/adapter")
+        for v in store.versions()
+        if v.adapter != "base" and v.status != "broken"
+    }
+
+
+def drive(store: Store, task: Task, cfg: RunConfig, console: Console) -> Path:
+    """Serve the policy, run (or continue) the loop, then score the best version on test."""
+    with ExitStack() as stack:
+        with spinner(console, "policy endpoint serving the base model"):
+            url = stack.enter_context(serve_policy(cfg.policy, store, _adapters(store)))
+        ctx = LoopContext(store, task, cfg, url, console)
+        _loop(ctx)
+        if cfg.eval_test and not store.evaluations("test"):
+            evaluate_test(store, task, cfg, url, console)
+    store.set_run_status("finished")
+    return store.root
+
+
 def run(cfg: RunConfig, console: Console, run_id: str | None = None) -> Path:
-    """Create a run, score generation 0 on val, then (if configured) the best version on test."""
     task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
     with spinner(console, f"task {task.name}: {task.summary()}"):
         store = new_run(cfg, task, run_id)
     console.print(f"run directory: {store.root}")
-    with ExitStack() as stack:
-        with spinner(console, "policy endpoint serving the base model"):
-            url = stack.enter_context(serve_policy(cfg.policy, store))
-        version = generation_zero(store, task, cfg)
-        ctx = RolloutContext(store, task, version, url, cfg.sandbox)
-        val = val_subset(task, cfg)
-        with phase_bar(console, "generation 0 on val", len(val)) as advance:
-            baseline = evaluate(ctx, val, advance)
-        store.put_version(version.model_copy(update={"status": "accepted"}))
-        store.add_decision(
-            Decision(
-                run_id=ctx.run_id,
-                generation=0,
-                lever=Lever.baseline,
-                rationale="generation 0: the task's reference harness on the base model",
-                evidence={"val": baseline.value, "n": baseline.n, "errors": baseline.n_errors},
-            )
-        )
-        if cfg.eval_test:
-            evaluate_test(store, task, cfg, url, console)
-    store.set_run_status("finished")
-    return store.root
+    return drive(store, task, cfg, console)
+
+
+def resume(root: Path, console: Console, data: Path | None = None) -> Path:
+    store = Store.open(root)
+    cfg = RunConfig.model_validate(store.run_info().config)
+    if data is not None:
+        cfg = cfg.model_copy(update={"data": data})
+    task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
+    console.print(f"resuming {store.root}")
+    return drive(store, task, cfg, console)

@@ -93,9 +93,10 @@ class Version(Record):
     parent_id: str | None
     generation: int
     harness_path: str  # relative to the run directory
-    adapter: str = "base"  # "base" or an adapter directory relative to the run directory
+    adapter: str = "base"  # "base", or the id of the version whose training made the adapter
     status: str = "candidate"  # candidate | accepted | rejected | broken
     note: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)  # operator or training summary, gate
     created_at: float = Field(default_factory=time.time)
 
 

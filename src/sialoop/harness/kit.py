@@ -37,10 +37,13 @@ def score_options(
     scores = [0.0] * len(options)
     for choice in response.choices:
         lp = choice.logprobs
+        # Tokens ending inside the prefix are not the option's (and come back null here).
         picked = [
             value
-            for value, offset in zip(lp.token_logprobs, lp.text_offset, strict=True)
-            if offset >= len(prefix) and value is not None
+            for value, offset, token in zip(
+                lp.token_logprobs, lp.text_offset, lp.tokens, strict=True
+            )
+            if offset + len(token) > len(prefix) and value is not None
         ]
         total = sum(picked)
         scores[choice.index] = total / max(1, len(picked)) if normalize == "mean" else total

@@ -15,9 +15,10 @@ Scoring (`score`, the hot path of option-ranking harnesses) guarantees:
   a time), once per distinct token path (options sharing leading tokens share those rows).
 
 Extension, `logprobs_from` (the HTTP field `echo_logprobs_from`): a character offset into each
-prompt; tokens whose text starts before it get logprob None and their logits are never computed.
-The cached prefix then stops at the first scored token, so the same context sent with other
-options (in this or a later request) reuses it. A token that straddles the offset is not scored.
+prompt; tokens whose text ends at or before it get logprob None and their logits are never
+computed. The cached prefix then stops at the first scored token, so the same context sent with
+other options (in this or a later request) reuses it. A token that straddles the offset (a
+prefix's trailing space merged into the option's first word) is scored.
 Without it, a one-prompt request caches that whole prompt, so options sent one per request share
 work only through the extension (or by sending them together).
 
@@ -481,12 +482,14 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 def _first_scored(encs: list[_Encoded], logprobs_from: tuple[int, ...] | None, n: int) -> list[int]:
-    """Index of each prompt's first token with a returned logprob (never 0: <bos> has none)."""
+    """Index of each prompt's first token with a returned logprob (never 0: <bos> has none):
+    the first token whose text ends after the offset, so a token that straddles the boundary
+    (a prefix's trailing space merged into the option's first word) is scored."""
     if logprobs_from is None:
         return [1] * n
     if len(logprobs_from) != n or any(k < 0 for k in logprobs_from):
         raise RequestError("echo_logprobs_from needs one non-negative offset (or one per prompt)")
     return [
-        max(1, next((j for j, (s, _) in enumerate(enc.spans) if s >= k), len(enc.ids)))
+        max(1, next((j for j, (_, e) in enumerate(enc.spans) if e > k), len(enc.ids)))
         for enc, k in zip(encs, logprobs_from, strict=True)
     ]

@@ -101,6 +101,9 @@ def tiny_model_dir(dest: Path, seed: int = 0) -> Path:
         bos_token_id=2,
         eos_token_id=1,
         pad_token_id=0,
+        # Wider than the default 0.02, so logits span more than about ±1 and a few LoRA steps
+        # can visibly move the tiny model (tests of training and of the loop need that).
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)

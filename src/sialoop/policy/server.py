@@ -4,8 +4,8 @@ Routes
 - `POST /v1/completions`: generation (max_tokens > 0: temperature, top_p, n, stop, seed, logprobs,
   echo) and scoring (echo=True, max_tokens=0, logprobs=N, prompt = one string or a list).
   Extension: body field `echo_logprobs_from` (with the openai client: `extra_body=`), one character
-  offset for every prompt or a list with one per prompt. Prompt tokens whose text starts before it
-  get logprob null and cost nothing; see `sialoop.policy.hf` for how prefixes are reused.
+  offset for every prompt or a list with one per prompt. Prompt tokens whose text ends at or
+  before it get logprob null and cost nothing; see `sialoop.policy.hf` for how prefixes are reused.
 - `POST /v1/chat/completions`: messages are rendered with the tokenizer's chat template when it has
   one; otherwise (the embedded base model) as a plain transcript, one "Role: content" line per
   message ending in "Assistant:", with "\\nUser:" added to the stop strings and the reply's leading

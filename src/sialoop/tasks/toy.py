@@ -62,6 +62,8 @@ class ToyTask(Task):
         return self._gold(instance)
 
     def score(self, instance: Instance, output: Any) -> Score:
+        if isinstance(output, dict):
+            output = output.get("label")
         pred = output.strip() if isinstance(output, str) else None
         gold = self._gold(instance)
         detail: dict[str, Any] = {"prediction": pred, "valid": pred in COLOURS}

@@ -1,0 +1,231 @@
+"""Training sets built from the run store, never from rollout code: stored trajectories, the
+LLM calls the policy endpoint recorded for them, and the task's train labels.
+
+Gold labels come only from the train split: `sft_examples` refuses any other split, `grpo_groups`
+reads train trajectories only, and `Task.label` itself refuses test instances. Val stays a clean
+measure of the adapter and test is never touched.
+
+How an option-scoring call is recognised (what `sialoop.harness.kit.score_options` sends and the
+endpoint records in `LLMCall.params`): endpoint "completions", a string prompt, `echo` true,
+`max_tokens` 0 and an integer `echo_logprobs_from` = len(prefix). Consecutive such calls with the
+same prefix form one request; each prompt is prefix + option + suffix. The suffix (e.g. "\\n") is
+not recorded, so it is recovered from a known answer (the trajectory's output, else the gold
+label) that is one of the options: the shortest s such that some prompt is prefix + answer + s and
+every prompt of the request ends with s.
+
+Not covered (such trajectories are skipped and counted in the log): calls without
+`echo_logprobs_from` (the prefix is unknown), a per-prompt list of differing offsets, requests
+where no known answer is among the options, chat calls, non-string labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from sialoop.records import LLMCall, Trajectory
+from sialoop.store import Store
+from sialoop.tasks.base import Instance, Task
+from sialoop.train.base import TrainError, TrainExample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptionSet:
+    """One option-scoring request: the options were scored as prefix + option + suffix."""
+
+    prefix: str
+    options: tuple[str, ...]
+    suffix: str
+
+
+def answer_text(value: Any) -> str | None:
+    """An output or label as option text: a string, or a dict's "label" string."""
+    if isinstance(value, dict):
+        value = value.get("label")
+    return value if isinstance(value, str) else None
+
+
+def _scoring_offset(call: LLMCall) -> int | None:
+    p = call.params
+    if call.endpoint != "completions" or not isinstance(call.prompt, str):
+        return None
+    if p.get("echo") is not True or p.get("max_tokens") != 0:
+        return None
+    k = p.get("echo_logprobs_from")
+    if isinstance(k, list) and k and all(x == k[0] for x in k):
+        k = k[0]
+    return k if isinstance(k, int) and 0 <= k <= len(call.prompt) else None
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """Consecutive option-scoring calls with one prefix; each remainder is option + suffix."""
+
+    prefix: str
+    remainders: tuple[str, ...]
+
+
+def scoring_requests(calls: list[LLMCall]) -> list[ScoringRequest]:
+    """The option-scoring requests among `calls`, in call order (repeated options kept once)."""
+    found: list[tuple[str, list[str]]] = []
+    for call in calls:
+        k = _scoring_offset(call)
+        if k is None:
+            continue
+        prompt = str(call.prompt)
+        prefix, rest = prompt[:k], prompt[k:]
+        if found and found[-1][0] == prefix:
+            if rest not in found[-1][1]:
+                found[-1][1].append(rest)
+        else:
+            found.append((prefix, [rest]))
+    return [ScoringRequest(prefix, tuple(rests)) for prefix, rests in found]
+
+
+def option_set(prefix: str, remainders: tuple[str, ...], answers: list[str]) -> OptionSet | None:
+    """Splits remainders into options and their shared suffix using answers known to be options."""
+    suffixes = {
+        r[len(a) :]
+        for a in answers
+        for r in remainders
+        if r.startswith(a) and all(x.endswith(r[len(a) :]) for x in remainders)
+    }
+    if not suffixes:
+        return None
+    suffix = min(suffixes, key=len)
+    options = tuple(r[: len(r) - len(suffix)] if suffix else r for r in remainders)
+    return OptionSet(prefix, options, suffix)
+
+
+def decisive_set(calls: list[LLMCall], output: str | None, gold: str | None) -> OptionSet | None:
+    """The option request that decided the output: the last one whose options include the
+    output, else the last one including gold, else the last one whose suffix can be recovered."""
+    answers = [a for a in (output, gold) if a]
+    requests = scoring_requests(calls)
+    sets = [s for r in requests if (s := option_set(r.prefix, r.remainders, answers))]
+    for wanted in (output, gold):
+        hit = [s for s in sets if wanted in s.options]
+        if wanted and hit:
+            return hit[-1]
+    return sets[-1] if sets else None
+
+
+def _usable(trajectories: list[Trajectory]) -> list[Trajectory]:
+    return [t for t in trajectories if t.score is not None and t.error is None]
+
+
+def _instances(task: Task) -> dict[str, Instance]:
+    return {i.id: i for i in task.instances("train")}
+
+
+def sft_examples(
+    store: Store, task: Task, version_id: str, split: str = "train"
+) -> list[TrainExample]:
+    """One example per scored train trajectory of `version_id` with option scoring: prompt = the
+    decisive request's prefix, completion = gold label + suffix (even when the harness did not
+    shortlist gold). Duplicates (several samples of one instance) are kept once.
+
+    Raises TrainError for any split but train: gold labels for training come from train only.
+    """
+    if split != "train":
+        raise TrainError(f"SFT examples come from the train split only, not {split!r}")
+    instances, seen, skipped = _instances(task), set(), Counter()
+    out: list[TrainExample] = []
+    for traj in _usable(store.trajectories(version_id, "train")):
+        instance = instances.get(traj.instance_id)
+        gold = answer_text(task.label(instance)) if instance else None
+        if gold is None:
+            skipped["no string label"] += 1
+            continue
+        calls = store.llm_calls(traj.trajectory_id)
+        found = decisive_set(calls, answer_text(traj.output), gold)
+        if found is None:
+            skipped["no recoverable option scoring"] += 1
+            continue
+        example = TrainExample(prompt=found.prefix, completion=gold + found.suffix)
+        if (example.prompt, example.completion) not in seen:
+            seen.add((example.prompt, example.completion))
+            out.append(example)
+    log.info("sft_examples(%s): %d examples; skipped %s", version_id, len(out), dict(skipped))
+    return out
+
+
+def _option_group(traj: Trajectory, calls: list[LLMCall], gold: str) -> list[TrainExample]:
+    found = decisive_set(calls, answer_text(traj.output), gold)
+    if found is None:
+        return []
+    return [
+        TrainExample(
+            prompt=found.prefix,
+            completion=option + found.suffix,
+            reward=1.0 if option == gold else 0.0,
+            group=traj.trajectory_id,
+        )
+        for option in found.options
+    ]
+
+
+def _sample_member(
+    traj: Trajectory, calls: list[LLMCall], gold: str, group: str
+) -> TrainExample | None:
+    """One sampled trajectory as a group member: its chosen option, else its last generation."""
+    output = answer_text(traj.output)
+    found = decisive_set(calls, output, gold)
+    reward = traj.score.value if traj.score else 0.0
+    if found is not None and output in found.options:
+        prompt, completion = found.prefix, output + found.suffix
+    else:
+        made = [
+            c
+            for c in calls
+            if c.endpoint == "completions"
+            and isinstance(c.prompt, str)
+            and c.params.get("max_tokens", 16) != 0
+            and c.completion
+        ]
+        if not made:
+            return None
+        prompt, completion = str(made[-1].prompt), made[-1].completion
+    return TrainExample(prompt=prompt, completion=completion, reward=reward, group=group)
+
+
+def grpo_groups(store: Store, task: Task, version_id: str) -> list[TrainExample]:
+    """GRPO examples from the train trajectories of `version_id`; members of a group share `group`.
+
+    - An instance with several samples (trajectories with different `sample`) is one group: each
+      sample's answer (its chosen option + suffix after the prefix, else its last generated
+      completion) with the task's score of that trajectory as reward.
+    - An instance with one trajectory is one group of the options its harness scored: each option
+      + suffix after the prefix, reward 1.0 for the gold label and 0.0 for the others.
+    Groups without reward variance are returned too; the trainer skips and counts them.
+    """
+    instances, skipped = _instances(task), Counter()
+    by_instance: dict[str, list[Trajectory]] = {}
+    for traj in _usable(store.trajectories(version_id, "train")):
+        by_instance.setdefault(traj.instance_id, []).append(traj)
+    out: list[TrainExample] = []
+    for instance_id, trajectories in by_instance.items():
+        instance = instances.get(instance_id)
+        gold = answer_text(task.label(instance)) if instance else None
+        if gold is None:
+            skipped["no string label"] += 1
+            continue
+        if len({t.sample for t in trajectories}) > 1:
+            group = f"{version_id}/{instance_id}"
+            members = [
+                _sample_member(t, store.llm_calls(t.trajectory_id), gold, group)
+                for t in trajectories
+            ]
+            out += [m for m in members if m is not None]
+            skipped["sample without a usable answer"] += members.count(None)
+        else:
+            for t in trajectories:
+                group_ = _option_group(t, store.llm_calls(t.trajectory_id), gold)
+                skipped["no recoverable option scoring"] += not group_
+                out += group_
+    log.info("grpo_groups(%s): %d examples; skipped %s", version_id, len(out), dict(skipped))
+    return out

@@ -1,0 +1,132 @@
+"""The loop on the toy task with the tiny model: both levers, the val gate, kill and resume."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sialoop.cli import app
+from sialoop.store import Store
+
+runner = CliRunner()
+
+
+def _args(tmp_path: Path, model: Path, run_id: str, *extra: str) -> list[str]:
+    return [
+        "run", "--task", "toy", "--runs-dir", str(tmp_path), "--run-id", run_id, "--no-test",
+        "--set", f"policy.model='{model}'", "--set", "policy.dtype='float32'",
+        "--set", "loop.train_batch=16", "--set", "loop.train_items=32",
+        "--set", "train.max_steps=30", "--set", "train.lr=0.003", "--set", "train.batch_size=8",
+        "--set", "train.max_len=256", *extra,
+    ]  # fmt: skip
+
+
+def test_three_generations_use_both_levers_and_the_gate_decides(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    args = _args(
+        tmp_path,
+        tiny_model_dir,
+        "r",
+        "--set",
+        "loop.generations=3",
+        "--set",
+        "gate.alpha=0.3",
+        "--set",
+        "loop.lever_patience=1",
+    )
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = Store.open(tmp_path / "r")
+    decisions = [d for d in store.decisions() if d.generation > 0]
+    assert {d.lever.value for d in decisions} >= {"harness", "weights"}, [
+        d.rationale for d in decisions
+    ]
+    statuses = {v.status for v in store.versions() if v.generation > 0}
+    assert "accepted" in statuses and statuses & {"rejected", "broken"}, statuses
+    for v in store.versions():
+        if v.generation > 0 and v.status in ("accepted", "rejected"):
+            gate = v.detail["gate"]
+            assert gate["n_paired"] == 16 and 0.0 <= gate["p_value"] <= 1.0
+            assert v.parent_id is not None and ("diff" in v.detail or "training" in v.detail)
+    for d in decisions:
+        assert d.rationale and "rule" in d.evidence
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sialoop.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before the kill point"
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("kill point never reached")
+
+
+def _count(db: Path, sql: str) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute(sql).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.parametrize("kill_point", ["rollout", "training"])
+def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path, kill_point: str):
+    root = tmp_path / "r"
+    db = root / "run.db"
+    levers = "['weights']" if kill_point == "training" else "['harness', 'weights']"
+    args = _args(
+        tmp_path,
+        tiny_model_dir,
+        "r",
+        "--set",
+        "loop.generations=1",
+        "--set",
+        f"loop.levers={levers}",
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.checkpoint_every=2",
+    )
+    proc = _spawn(args)
+    if kill_point == "rollout":
+        _kill_when(
+            proc, lambda: _count(db, "SELECT count(*) FROM trajectories WHERE split='val'") >= 5
+        )
+    else:
+        _kill_when(proc, lambda: any(root.glob("adapters/v1/checkpoint*/**/*.safetensors")))
+        assert not (root / "adapters/v1/adapter").exists()
+    before = {t.trajectory_id: t for t in Store.open(root).trajectories()}
+    assert before
+
+    result = runner.invoke(app, ["resume", str(root)])
+    assert result.exit_code == 0, result.output
+    store = Store.open(root)
+    after = {t.trajectory_id: t for t in store.trajectories()}
+    assert all(after[k] == v for k, v in before.items())  # nothing scored before the kill was lost
+    assert store.integrity_ok() and store.run_info().status == "finished"
+    assert len({t.instance_id for t in store.trajectories("v0", "val")}) == 16
+    if kill_point == "training":
+        v1 = store.version("v1")
+        assert v1.detail["training"]["resumed_from_step"] > 0
+        assert v1.status in ("accepted", "rejected")

@@ -1,0 +1,384 @@
+"""The Trainer: datasets from a real store, SFT and GRPO on the tiny random Gemma 3 (float32),
+adapters loaded by peft and by the policy backend, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sialoop.policy.batcher import ScoreRequest
+from sialoop.policy.hf import HFBackend
+from sialoop.records import LLMCall, RunInfo, Score, Trajectory
+from sialoop.store import Store
+from sialoop.tasks.toy import COLOURS, ToyTask
+from sialoop.train import (
+    LoraSettings,
+    TrainError,
+    TrainExample,
+    TrainSettings,
+    engine,
+    grpo_groups,
+    method,
+    sft_examples,
+)
+from sialoop.train.data import option_set
+from sialoop.train.grpo import GRPO, advantages
+from sialoop.train.sft import SFT
+
+OBJECTS = {obj: colour for colour, objs in COLOURS.items() for obj in objs}  # 16 objects
+PROMPTS = {obj: f"Object: {obj}\nColour:" for obj in OBJECTS}
+TOY = [TrainExample(prompt=PROMPTS[o], completion=f" {c}\n") for o, c in OBJECTS.items()]
+LORA = LoraSettings(rank=8, alpha=16)
+FAST = TrainSettings(lr=1e-2, batch_size=4, max_steps=30, dtype="float32", checkpoint_every=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Path) -> Path:
+    """The tiny random Gemma 3; its wide init (std 0.2) makes the toy mapping learnable in a few
+    dozen steps (at std 0.02 every logit stays within about +-1.3)."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: Path) -> HFBackend:
+    return HFBackend(model_dir, dtype="float32")
+
+
+def scored(backend: HFBackend, adapter: str, examples: list[TrainExample]) -> list[float]:
+    """Sum of the completion's token logprobs, as a harness's score_options reads it."""
+    request = ScoreRequest(
+        adapter,
+        tuple(e.prompt + e.completion for e in examples),
+        0,
+        tuple(len(e.prompt) for e in examples),
+    )
+    return [
+        sum(v for v in s.logprobs.token_logprobs if v is not None) for s in backend.score(request)
+    ]
+
+
+# ---- data.py --------------------------------------------------------------------------------
+
+
+def scoring_calls(episode: str, prefix: str, options: list[str], suffix: str) -> list[LLMCall]:
+    """The LLMCalls the endpoint records for one `score_options` request (one per option)."""
+    params = {
+        "model": "policy",
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 0,
+        "echo_logprobs_from": len(prefix),
+    }
+    return [
+        LLMCall(
+            episode_id=episode,
+            endpoint="completions",
+            adapter="base",
+            prompt=prefix + option + suffix,
+            completion="",
+            prompt_token_ids=[2, 5, 6],
+            completion_token_ids=[],
+            token_logprobs=[None, None, -1.0],
+            params=params,
+            latency_s=0.01,
+        )
+        for option in options
+    ]
+
+
+@pytest.fixture
+def toy_store(tmp_path: Path) -> tuple[Store, ToyTask, list[str]]:
+    """Train trajectories 0-2 and one val trajectory, scored as the toy's reference harness does;
+    trajectory 2's shortlist misses gold."""
+    task = ToyTask()
+    store = Store.create(tmp_path / "run", RunInfo(run_id="r", task="toy", config={}))
+    prefixes = []
+    for k, inst in enumerate(task.instances("train")[:3] + task.instances("val")[:1]):
+        gold = task.label(inst)
+        prefix = f"Text: {inst.inputs['text']}\nAnswer: "
+        options = list(inst.inputs["options"])
+        if k == 2:
+            options = [o for o in options if o != gold][:2]
+        output = options[1]  # the harness's pick
+        traj = Trajectory(
+            run_id="r",
+            version_id="v0",
+            split=inst.split,
+            instance_id=inst.id,
+            output=output,
+            score=Score(value=float(output == gold), correct=output == gold),
+            seconds=0.1,
+        )
+        store.add_trajectory(traj, scoring_calls(traj.trajectory_id, prefix, options, "\n"))
+        prefixes.append(prefix)
+    return store, task, prefixes
+
+
+def test_sft_examples_are_prefix_plus_gold(toy_store):
+    store, task, prefixes = toy_store
+    examples = sft_examples(store, task, "v0")
+    gold = [task.label(i) for i in task.instances("train")[:3]]
+    # Gold + suffix even where the shortlist missed gold (the third trajectory); val is ignored.
+    assert [(e.prompt, e.completion) for e in examples] == [
+        (p, g + "\n") for p, g in zip(prefixes[:3], gold, strict=True)
+    ]
+    for split in ("val", "test"):
+        with pytest.raises(TrainError, match="train split only"):
+            sft_examples(store, task, "v0", split=split)
+
+
+def test_grpo_groups_are_the_scored_options(toy_store):
+    store, task, prefixes = toy_store
+    examples = grpo_groups(store, task, "v0")
+    assert len(examples) == 4 + 4 + 2  # the options of the three train trajectories
+    first = [e for e in examples if e.group == examples[0].group]
+    gold = task.label(task.instances("train")[0])
+    assert [(e.prompt, e.completion) for e in first] == [(prefixes[0], f"{c}\n") for c in COLOURS]
+    assert [e.reward for e in first] == [float(c == gold) for c in COLOURS]
+    # The shortlist without gold is a group without variance: returned, and the trainer skips it.
+    assert advantages(examples, None)[1:] == (3, 1)
+
+
+def test_option_set_recovers_the_suffix():
+    def split(remainders, answers):
+        found = option_set("P", tuple(remainders), answers)
+        return found and (found.options, found.suffix)
+
+    assert split(["red\n", "reddish\n"], ["red"]) == (("red", "reddish"), "\n")
+    assert split(["red\n", "reddish\n"], ["reddish"]) == (("red", "reddish"), "\n")
+    assert split(["red", "reddish"], ["red"]) == (("red", "reddish"), "")
+    assert split(["blue.", "lime."], ["pink", "lime"]) == (("blue", "lime"), ".")
+    assert split(["blue.", "lime."], ["pink"]) is None
+
+
+def test_grpo_groups_join_samples_of_one_instance(tmp_path: Path):
+    task = ToyTask()
+    inst = task.instances("train")[0]
+    gold = task.label(inst)
+    other = "green" if gold != "green" else "red"
+    store = Store.create(tmp_path / "run", RunInfo(run_id="r", task="toy", config={}))
+    prefix = f"Text: {inst.inputs['text']}\nAnswer: "
+    for sample, output in enumerate([gold, other, other]):  # k = 3 samples of one instance
+        traj = Trajectory(
+            run_id="r",
+            version_id="v0",
+            split="train",
+            instance_id=inst.id,
+            sample=sample,
+            output=output,
+            score=Score(value=float(output == gold)),
+            seconds=0.1,
+        )
+        if sample < 2:  # an option-scoring harness
+            calls = scoring_calls(traj.trajectory_id, prefix, list(COLOURS), "\n")
+        else:  # a generating one: its last generation is the answer
+            generated = LLMCall(
+                episode_id=traj.trajectory_id,
+                endpoint="completions",
+                adapter="base",
+                prompt="Q: colour?\nA:",
+                completion=f" {other}",
+                prompt_token_ids=[2, 5],
+                completion_token_ids=[7],
+                params={"model": "policy", "max_tokens": 4, "temperature": 1.0},
+                latency_s=0.1,
+            )
+            calls = [generated]
+        store.add_trajectory(traj, calls)
+    examples = grpo_groups(store, task, "v0")
+    assert [(e.prompt, e.completion, e.reward) for e in examples] == [
+        (prefix, gold + "\n", 1.0),
+        (prefix, other + "\n", 0.0),
+        ("Q: colour?\nA:", f" {other}", 0.0),
+    ]
+    assert {e.group for e in examples} == {f"v0/{inst.id}"}
+    assert sft_examples(store, task, "v0") == [TrainExample(prompt=prefix, completion=gold + "\n")]
+
+
+# ---- tokens and logprobs ----------------------------------------------------------------------
+
+
+def test_completion_logprobs_match_the_endpoint(model_dir: Path, backend: HFBackend):
+    policy = engine.load_policy(model_dir, FAST, LORA)
+    items = [engine.encode(policy, e, 64) for e in TOY[:4]]
+    assert all(e.ids[0] == 2 and e.ids[1] != 2 for e in items)
+    with torch.no_grad():
+        lp = engine.token_logprobs(policy, engine.collate(items, policy.pad))
+    sums = engine.per_example(lp, engine.collate(items, policy.pad)).tolist()
+    # A fresh LoRA adapter (B = 0) is the base model: the same numbers as the endpoint's scoring.
+    assert sums == pytest.approx(scored(backend, "base", TOY[:4]), abs=1e-4)
+    # Left truncation keeps <bos> and the completion.
+    cut = engine.encode(policy, TOY[0], 4)
+    assert len(cut.ids) == 4 and cut.ids[0] == 2 and cut.ids[cut.start :] == items[0].ids[-2:]
+    with pytest.raises(TrainError, match="does not fit"):
+        engine.encode(policy, TOY[0], 2)
+
+
+def test_shared_prompt_runs_once_with_the_same_logprobs_and_gradients(model_dir: Path):
+    policy = engine.load_policy(model_dir, FAST, LORA)
+    # Longer than the sliding window (16 tokens); completions of one to several tokens.
+    prompt = "Object: a tomato, then a cherry, then a ruby, then a brick, and last a leaf.\nColour:"
+    examples = [TrainExample(prompt=prompt, completion=c) for c in (" red", " deep green\n", "x")]
+    items = [engine.encode(policy, e, 64) for e in examples]
+    assert items[0].start > 16 and len({e.ids[: e.start] for e in items}) == 1
+
+    def logprobs_and_grads(batches):
+        policy.model.zero_grad()
+        lp = torch.cat(
+            [engine.token_logprobs(policy, engine.collate(b, policy.pad)) for b in batches]
+        )
+        lp.sum().backward()
+        grads = [p.grad.clone() for p in policy.model.parameters() if p.requires_grad]
+        return lp.detach(), grads
+
+    shared, shared_grads = logprobs_and_grads([items])
+    plain, plain_grads = logprobs_and_grads([[e] for e in items])
+    assert shared.tolist() == pytest.approx(plain.tolist(), abs=1e-4)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+    assert any(g.abs().sum() > 0 for g in shared_grads)
+
+
+# ---- SFT ----------------------------------------------------------------------------------------
+
+
+def test_sft_learns_and_the_adapter_loads(model_dir: Path, backend: HFBackend, tmp_path):
+    summary = method("sft").train(model_dir, TOY, tmp_path / "sft", FAST, LORA)
+    assert summary.steps == 30 and len(summary.losses) == 30 and summary.resumed_from_step == 0
+    adapter = Path(summary.adapter_dir)
+    assert (adapter / "adapter_config.json").is_file()
+    assert sum(summary.losses[-5:]) / 5 < 0.6 * summary.first_loss
+
+    backend.add_adapter("sft1", adapter)
+    before, after = scored(backend, "base", TOY), scored(backend, "sft1", TOY)
+    assert all(a > b for a, b in zip(after, before, strict=True))
+    assert sum(after) > 0.6 * sum(before)  # the completions' NLL is down by more than 40 %
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    enc = engine.encode(engine.Policy(backend.tokenizer, None, 2, 0, None), TOY[0], 64)
+    with torch.no_grad():
+        lsm = peft_model(torch.tensor([enc.ids])).logits[0].log_softmax(-1)
+    direct = sum(lsm[j - 1, enc.ids[j]].item() for j in range(enc.start, len(enc.ids)))
+    assert direct == pytest.approx(after[0], abs=1e-3)
+
+    # Called again with the same out_dir, settings and data: the finished run, untouched.
+    again = SFT().train(model_dir, TOY, tmp_path / "sft", FAST, LORA)
+    assert again == summary
+
+
+_CHILD = """
+import json, sys, time
+from pathlib import Path
+import torch
+from sialoop.train import LoraSettings, TrainExample, TrainSettings, method
+
+job = json.loads(Path(sys.argv[1]).read_text())
+step = torch.optim.AdamW.step
+def slow_step(self, *args, **kwargs):  # leaves the parent time to kill between checkpoints
+    time.sleep(0.3)
+    return step(self, *args, **kwargs)
+torch.optim.AdamW.step = slow_step
+method("sft").train(
+    Path(job["model_dir"]),
+    [TrainExample(**e) for e in job["examples"]],
+    Path(job["out_dir"]),
+    TrainSettings(**job["settings"]),
+    LoraSettings(**job["lora"]),
+)
+"""
+
+
+def test_sft_resumes_after_sigkill(model_dir: Path, tmp_path: Path):
+    settings = FAST.model_copy(update={"max_steps": 10, "checkpoint_every": 2})
+    out = tmp_path / "killed"
+    job = {
+        "model_dir": str(model_dir),
+        "out_dir": str(out),
+        "examples": [e.model_dump() for e in TOY],
+        "settings": settings.model_dump(),
+        "lora": LORA.model_dump(),
+    }
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "job.json")])
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 60
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, f"the child ended by itself ({child.returncode})"
+
+    summary = SFT().train(model_dir, TOY, out, settings, LORA)
+    assert 2 <= summary.resumed_from_step < 10
+    assert summary.steps == 10 and len(summary.losses) == 10
+    assert not (out / "checkpoint").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+    straight = SFT().train(model_dir, TOY, tmp_path / "straight", settings, LORA)
+    assert summary.losses == pytest.approx(straight.losses, rel=1e-3, abs=1e-4)
+    with pytest.raises(TrainError, match="other settings"):
+        SFT().train(model_dir, TOY[:8], out, settings, LORA)
+
+
+# ---- GRPO ---------------------------------------------------------------------------------------
+
+
+def option_groups(objects: list[str], rewarded: str) -> list[TrainExample]:
+    """One group per object: the four colours as options, `rewarded` the only right one."""
+    return [
+        TrainExample(
+            prompt=PROMPTS[obj],
+            completion=f" {colour}\n",
+            reward=float(colour == rewarded),
+            group=obj,
+        )
+        for obj in objects
+        for colour in COLOURS
+    ]
+
+
+def test_grpo_raises_rewarded_completions(model_dir: Path, backend: HFBackend, tmp_path):
+    # The random tiny model barely tells objects apart, so the rewarded option is the same in
+    # every group: what is checked is GRPO's direction, not the model's capacity.
+    objects = list(OBJECTS)[::2]
+    flat = [
+        TrainExample(prompt=PROMPTS["sky"], completion=f" {c}\n", reward=0.0, group="flat")
+        for c in COLOURS
+    ]
+    examples = option_groups(objects, rewarded="blue") + flat
+    settings = FAST.model_copy(update={"max_steps": 16, "lr": 5e-3})
+    summary = GRPO().train(model_dir, examples, tmp_path / "grpo", settings, LORA)
+    assert summary.groups == 9 and summary.skipped_groups == 1 and summary.examples == 32
+    assert summary.mean_reward == pytest.approx(8 / 36)
+
+    backend.add_adapter("grpo1", Path(summary.adapter_dir))
+    for obj in objects:
+        group = [e for e in examples if e.group == obj]
+        right = [e.reward for e in group].index(1.0)
+        before, after = scored(backend, "base", group), scored(backend, "grpo1", group)
+        assert after[right] > before[right] + 1.0
+        # Relative to the other options of its group, too (what the harness's argmax sees).
+        margin = [v[right] - (sum(v) - v[right]) / 3 for v in (before, after)]
+        assert margin[1] > margin[0] + 1.0
+
+
+def test_grpo_refuses_groups_without_variance(model_dir: Path, tmp_path: Path):
+    flat = [e.model_copy(update={"reward": 1.0}) for e in option_groups(["sky", "leaf"], "red")]
+    kept, groups, skipped = advantages(flat, None)
+    assert (kept, groups, skipped) == ([], 2, 2)
+    with pytest.raises(TrainError, match="nothing to learn"):
+        GRPO().train(model_dir, flat, tmp_path / "none", FAST, LORA)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(TrainError, match="reward and a group"):
+        GRPO().train(model_dir, TOY, tmp_path / "none", FAST, LORA)
