@@ -101,7 +101,7 @@ def eval_(
     """Score the run's best version on a split."""
     from sialoop.errors import ConfigError
     from sialoop.evaluator import best_version, evaluate_test
-    from sialoop.loop import val_subset
+    from sialoop.loop import served_adapters, val_subset
     from sialoop.policy.launch import serve_policy
     from sialoop.progress import phase_bar
     from sialoop.rollout import RolloutContext, evaluate
@@ -116,7 +116,7 @@ def eval_(
         raise ConfigError(f"--split {split}: use val or test")
     task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
     with ExitStack() as stack:
-        url = stack.enter_context(serve_policy(cfg.policy, store))
+        url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
         if split == "test":
             ev = evaluate_test(store, task, cfg, url, console, force=force)
         else:

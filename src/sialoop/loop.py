@@ -182,11 +182,12 @@ def _loop(ctx: LoopContext) -> None:
             break
 
 
-def _adapters(store: Store) -> dict[str, Path]:
+def served_adapters(store: Store) -> dict[str, Path]:
+    """Every trained adapter of the run, by name, to serve on the endpoint."""
     return {
         v.adapter: store.path(f"adapters/{v.adapter}/adapter")
         for v in store.versions()
-        if v.adapter != "base" and v.status != "broken"
+        if v.adapter != "base" and store.path(f"adapters/{v.adapter}/adapter").is_dir()
     }
 
 
@@ -194,7 +195,7 @@ def drive(store: Store, task: Task, cfg: RunConfig, console: Console) -> Path:
     """Serve the policy, run (or continue) the loop, then score the best version on test."""
     with ExitStack() as stack:
         with spinner(console, "policy endpoint serving the base model"):
-            url = stack.enter_context(serve_policy(cfg.policy, store, _adapters(store)))
+            url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
         ctx = LoopContext(store, task, cfg, url, console)
         _loop(ctx)
         if cfg.eval_test and not store.evaluations("test"):
