@@ -58,3 +58,10 @@ def test_templates_validate(public_cwd: Path):
         path = public_cwd / name
         path.write_text(template_source(name))
         validate_harness(path, public_dir=public_cwd / "public")
+
+
+def test_retrieval_leaves_the_case_itself_out(public_cwd: Path):
+    module = _load("lawbench_fewshot.py", public_cwd)
+    text = TRAIN[2]["text"]
+    near = module["neighbours"](text)
+    assert 2 not in near and len(near) == len(TRAIN) - 1

@@ -46,9 +46,12 @@ _FIXED = _fixed_examples()
 
 
 def neighbours(text):
-    """Train indices by decreasing similarity to `text`."""
+    """Train indices by decreasing similarity to `text`, leaving out the case itself (a train
+    instance would otherwise retrieve its own label)."""
     sims = (_MATRIX @ _VECTORIZER.transform([text]).T).toarray().ravel()
-    return np.argsort(-sims)[:NEIGHBOURS]
+    return [i for i in np.argsort(-sims)[: NEIGHBOURS + 1] if _TRAIN[i]["text"] != text][
+        :NEIGHBOURS
+    ]
 
 
 def shortlist(near):
