@@ -50,3 +50,12 @@ def test_meta_agent_follows_focus_and_never_repeats():
         tried.add(op.key)
         ast.parse(agent.write(SOURCE, op))
     assert {k.split(":")[0] for k in tried} == {"examples", "shortlist", "scoring", "format"}
+
+
+def test_meta_agent_rotates_after_repeated_tries_of_the_focus():
+    agent = OfflineMetaAgent()
+    tried = {"scoring:PRIOR_WEIGHT=1.0", "scoring:PRIOR_WEIGHT=3.0", "examples:x", "format:y"}
+    op = agent.propose(SOURCE, _decision("scoring"), tried)
+    assert op is not None and op.family == "shortlist"  # the untried family comes first
+    op = agent.propose(SOURCE, _decision("scoring"), {"scoring:PRIOR_WEIGHT=1.0"})
+    assert op is not None and op.family == "scoring"  # one try: the focus still leads

@@ -2,7 +2,8 @@
 
 It reads the Decision's focus (which family of knobs the evidence points at) and the
 incumbent's constants, and proposes the first move of that family not tried before on this
-parent; when the family is exhausted it moves on to the others. With no move left it proposes
+parent; once that family has had ROTATE_AFTER more tries than another, or is exhausted, the
+less-tried families come first. With no move left it proposes
 nothing, and the loop records that.
 """
 
@@ -17,6 +18,7 @@ from sialoop.records import Decision
 Move = Callable[[dict[str, Any]], Operator | None]
 
 FAMILIES = ("examples", "shortlist", "scoring", "format")
+ROTATE_AFTER = 2  # edits of the focus family tried on a parent before the others come first
 
 
 def _examples(c: dict[str, Any]) -> list[Operator | None]:
@@ -116,7 +118,12 @@ class OfflineMetaAgent:
     def propose(self, source: str, decision: Decision, tried: set[str]) -> Operator | None:
         constants = read_constants(source)
         focus = decision.settings.get("focus")
-        order = [focus, *[f for f in FAMILIES if f != focus]] if focus in _MOVES else list(FAMILIES)
+        # The focus family first, unless it was already tried more than the others on this
+        # parent: failed edits of one family should not starve the rest.
+        tries = {f: sum(k.startswith(f + ":") for k in tried) for f in FAMILIES}
+        order = sorted(
+            FAMILIES, key=lambda f: (tries[f] - (f == focus) * (ROTATE_AFTER - 1), f != focus)
+        )
         for family in order:
             for op in _MOVES[family](constants):
                 if op is not None and op.key not in tried:
