@@ -433,6 +433,24 @@ def fit(
     return Fit(state.step, state.losses, resumed, time.perf_counter() - started)
 
 
+def summarize(
+    method: str, fit: Fit, examples: int, started: float, out_dir: Path, **extra: Any
+) -> TrainSummary:
+    """The summary every method reports; `extra` holds its own fields (rewards, groups)."""
+    return TrainSummary(
+        method=method,
+        steps=fit.steps,
+        examples=examples,
+        seconds=time.perf_counter() - started,
+        first_loss=fit.losses[0] if fit.losses else None,
+        last_loss=fit.losses[-1] if fit.losses else None,
+        losses=fit.losses,
+        adapter_dir=str(out_dir / ADAPTER),
+        resumed_from_step=fit.resumed_from_step,
+        **extra,
+    )
+
+
 def finish(job: Job, policy: Policy, summary: TrainSummary) -> TrainSummary:
     """Saves the adapter and the summary (see the module's guarantees) and returns the summary."""
     _save_final(job.out_dir, policy, summary, job.fingerprint)

@@ -97,18 +97,14 @@ class GRPO:
         items = [engine.encode(policy, e, settings.max_len, a, e.group) for e, a in kept]
         job = engine.Job(out_dir, print_, "grpo", progress)
         fit = engine.fit(policy, items, settings, grpo_loss(settings), job)
-        summary = TrainSummary(
-            method=self.name,
-            steps=fit.steps,
-            examples=len(kept),
-            seconds=time.perf_counter() - started,
-            first_loss=fit.losses[0] if fit.losses else None,
-            last_loss=fit.losses[-1] if fit.losses else None,
-            losses=fit.losses,
+        summary = engine.summarize(
+            self.name,
+            fit,
+            len(kept),
+            started,
+            out_dir,
             mean_reward=statistics.fmean(float(e.reward or 0.0) for e in examples),
             groups=n_groups,
             skipped_groups=skipped,
-            adapter_dir=str(out_dir / engine.ADAPTER),
-            resumed_from_step=fit.resumed_from_step,
         )
         return engine.finish(job, policy, summary)

@@ -50,15 +50,5 @@ class SFT:
         items = [engine.encode(policy, e, settings.max_len) for e in examples]
         job = engine.Job(out_dir, print_, "sft", progress)
         fit = engine.fit(policy, items, settings, sft_loss, job)
-        summary = TrainSummary(
-            method=self.name,
-            steps=fit.steps,
-            examples=len(examples),
-            seconds=time.perf_counter() - started,
-            first_loss=fit.losses[0] if fit.losses else None,
-            last_loss=fit.losses[-1] if fit.losses else None,
-            losses=fit.losses,
-            adapter_dir=str(out_dir / engine.ADAPTER),
-            resumed_from_step=fit.resumed_from_step,
-        )
+        summary = engine.summarize(self.name, fit, len(examples), started, out_dir)
         return engine.finish(job, policy, summary)
