@@ -22,7 +22,7 @@ OPTIONS = [f"c{i}" for i in range(10)]
 PLENTY = Budget(minutes_left=600)
 
 
-def traj(iid, gold, pred, *, ranked=None, sample=0, error=None) -> Trajectory:
+def traj(iid, gold, pred, *, ranked=None, prior=None, sample=0, error=None) -> Trajectory:
     """One rollout scored the way classification tasks score (detail: prediction, valid, gold)."""
     common = {"run_id": "r", "version_id": "v1", "split": "train", "instance_id": iid}
     if error is not None:
@@ -37,6 +37,8 @@ def traj(iid, gold, pred, *, ranked=None, sample=0, error=None) -> Trajectory:
         detail={"prediction": label, "valid": valid, "gold": gold},
     )
     output = pred if ranked is None else {"label": pred, "ranked": ranked}
+    if prior is not None:
+        output = {**output, "prior_ranked": prior}
     return Trajectory(**common, sample=sample, output=output, score=score, seconds=1.0)
 
 
@@ -251,3 +253,40 @@ def test_rationale_cites_the_numbers_and_evidence_is_stored():
 def test_no_trajectories_is_an_error():
     with pytest.raises(ValueError, match="trajectories"):
         decide([])
+
+
+def prior_batch(prior_right: int, answer_follows_prior: bool) -> list[Trajectory]:
+    """20 items, gold always shortlisted but ranked far when the answer is wrong (no near miss
+    for the weights lever): the prior ranks gold first on `prior_right` of them; the answer
+    either follows the prior or is right on 4 items only."""
+    out = []
+    for i in range(20):
+        # A distinct (gold, wrong) pair per item: no repeated confusion for the weights lever.
+        gold, other = OPTIONS[i % 10], OPTIONS[(i % 10 + 1 + i // 10) % 10]
+        prior = [gold, other] if i < prior_right else [other, gold]
+        pred = prior[0] if answer_follows_prior else (gold if i < 4 else other)
+        rest = [o for o in OPTIONS if o not in (gold, other)][:3]
+        ranked = [pred, *rest, gold if pred == other else other]  # gold far when wrong
+        out.append(traj(f"p{i}", gold, pred, ranked=ranked, prior=prior))
+    return out
+
+
+def test_a_prior_better_than_the_answer_leads_to_scoring_with_the_hint():
+    d = decide(prior_batch(prior_right=14, answer_follows_prior=False))
+    assert d.lever is Lever.harness and d.evidence["rule"] == "unused_prior", d.rationale
+    assert d.settings == {"focus": "scoring", "hint": "prior_up", "prior_gap": pytest.approx(0.5)}
+    prior = d.evidence["prior"]
+    assert (prior["accuracy"], prior["answer_accuracy"]) == (pytest.approx(0.7), pytest.approx(0.2))
+    assert "70%" in d.rationale and "20%" in d.rationale
+
+
+def test_an_answer_that_follows_its_prior_points_at_the_shortlist():
+    d = decide(prior_batch(prior_right=12, answer_follows_prior=True))
+    assert d.evidence["prior"]["agreement"] == 1.0
+    assert d.lever is Lever.harness and d.evidence["rule"] == "prior_bound", d.rationale
+    assert d.settings["focus"] == "shortlist"
+
+
+def test_no_prior_in_the_outputs_means_no_prior_view():
+    ev = compute_evidence([traj("a", "c1", "c1", ranked=["c1"])])
+    assert ev.prior is None

@@ -59,3 +59,25 @@ def test_meta_agent_rotates_after_repeated_tries_of_the_focus():
     assert op is not None and op.family == "shortlist"  # the untried family comes first
     op = agent.propose(SOURCE, _decision("scoring"), {"scoring:PRIOR_WEIGHT=1.0"})
     assert op is not None and op.family == "scoring"  # one try: the focus still leads
+
+
+def _prior_decision(gap: float) -> Decision:
+    settings = {"focus": "scoring", "hint": "prior_up", "prior_gap": gap}
+    return Decision(run_id="r", generation=1, lever=Lever.harness, rationale="t", settings=settings)
+
+
+def test_an_unused_prior_raises_its_weight_a_rung_or_two():
+    agent = OfflineMetaAgent()
+    assert read_constants(SOURCE)["PRIOR_WEIGHT"] == 0.0
+    big = agent.propose(SOURCE, _prior_decision(0.5), set())
+    assert big is not None and big.assignments == {"PRIOR_WEIGHT": 3.0}  # skips a rung
+    small = agent.propose(SOURCE, _prior_decision(0.1), set())
+    assert small is not None and small.assignments == {"PRIOR_WEIGHT": 1.0}
+    heavier = apply_operator(SOURCE, big)
+    nxt = agent.propose(heavier, _prior_decision(0.1), set())
+    assert nxt is not None and nxt.assignments == {"PRIOR_WEIGHT": 10.0}
+    # Without the hint one step up, then the other normalisation, then one step down.
+    plain = [agent.propose(heavier, _decision("scoring"), tried) for tried in (set(),)]
+    assert plain[0] is not None and plain[0].assignments == {"PRIOR_WEIGHT": 10.0}
+    second = agent.propose(heavier, _decision("scoring"), {"scoring:PRIOR_WEIGHT=10.0"})
+    assert second is not None and second.assignments == {"NORMALIZE": "mean"}

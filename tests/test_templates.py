@@ -65,3 +65,12 @@ def test_retrieval_leaves_the_case_itself_out(public_cwd: Path):
     text = TRAIN[2]["text"]
     near = module["neighbours"](text)
     assert 2 not in near and len(near) == len(TRAIN) - 1
+
+
+def test_a_train_case_is_scored_by_a_classifier_that_never_saw_it(public_cwd: Path):
+    module = _load("lawbench_fewshot.py", public_cwd)
+    only = TRAIN[2]  # the one 故意伤害 case
+    assert "故意伤害" not in module["classifier_for"](only["text"]).classes_
+    assert "故意伤害" in module["classifier_for"]("被告人某某殴打他人。").classes_
+    options, prior = module["classifier_shortlist"](only["text"])
+    assert "故意伤害" not in options and sum(prior) == pytest.approx(1.0)

@@ -22,7 +22,8 @@ class _Section(BaseModel):
 
 class PolicyConfig(_Section):
     model: str = "embedded"  # "embedded" (Gemma 3 270M base) or a local HF model directory
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # "auto": bfloat16 where the hardware computes it natively, else float32 (policy/dtype.py)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     max_batch: int = Field(default=8, ge=1, le=256)
     threads: int = Field(default=0, ge=0)  # 0: torch's default
 

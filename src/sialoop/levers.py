@@ -20,6 +20,7 @@ from sialoop.agents.meta import OfflineMetaAgent
 from sialoop.config import RunConfig
 from sialoop.errors import PolicyError
 from sialoop.harness.program import HarnessInvalid, validate_harness
+from sialoop.policy.dtype import resolve_dtype
 from sialoop.policy.launch import resolve_model_dir
 from sialoop.progress import phase_bar
 from sialoop.records import Decision, Version
@@ -162,7 +163,7 @@ class WeightsLever:
                 "max_len": t.max_len,
                 "checkpoint_every": t.checkpoint_every,
                 "seed": cfg.seed,
-                "dtype": cfg.policy.dtype,
+                "dtype": resolve_dtype(cfg.policy.dtype),
                 **decision.settings,
             }
         )

@@ -5,7 +5,8 @@ Everything here is computed from stored records only (Trajectory, Score, Decisio
 number a Decision cites can be recomputed from the run directory. Nothing is task-specific:
 the classification views (labels, confusions, gold rank) are read from the conventions tasks
 already follow (`Score.detail` keys `prediction`, `valid`, `gold`; an output dict with `label`
-and `ranked`) and are simply empty for tasks that do not follow them.
+and `ranked`, and optionally `prior_ranked`: the same options ranked by the harness's prior
+signal alone, e.g. a retriever's vote) and are simply empty for tasks that do not follow them.
 
 Guaranteed: a trajectory is counted once, in exactly one failure class; shares are over all
 `n` trajectories unless the field says otherwise; a view with no data is `None` or empty,
@@ -98,6 +99,18 @@ class GroupVariance(Record):
     share_with_variance: float  # groups whose rewards are not all equal
 
 
+class PriorView(Record):
+    """How the harness's own prior ranking (`prior_ranked`) compares with its final answer, over
+    trajectories with a known gold and a prior: a prior that is right more often than the
+    answer is a signal the scoring leaves unused; an answer that always follows the prior is
+    bounded by it."""
+
+    n: int
+    accuracy: float  # prior's top option == gold
+    answer_accuracy: float  # the final answer == gold, on the same trajectories
+    agreement: float  # the final answer == the prior's top option
+
+
 class LeverStats(Record):
     lever: Lever
     attempts: int
@@ -127,6 +140,7 @@ class Evidence(Record):
     near_miss_share: float | None  # of n_ranked_wrong: gold ranked 2..near_k (weights can fix)
     absent_share: float | None  # of n_ranked_wrong: gold not shortlisted (a harness fix)
     groups: GroupVariance
+    prior: PriorView | None  # None when no output carried a `prior_ranked` list
     levers: dict[Lever, LeverStats]
     rejection_streak: int  # consecutive rejected candidates at the end of history, both levers
 
@@ -243,6 +257,26 @@ def _ranks(
     return RankHistogram(near_k=near_k, **hist), n_wrong, near, absent
 
 
+def _prior(trajs: Sequence[Trajectory]) -> PriorView | None:
+    rows = []
+    for traj in trajs:
+        gold, out = gold_of(traj), traj.output
+        prior = out.get("prior_ranked") if isinstance(out, dict) else None
+        if gold is None or not isinstance(prior, list) or not prior:
+            continue
+        answer = prediction_of(traj)
+        rows.append((prior[0] == gold, is_correct(traj), answer == prior[0]))
+    if not rows:
+        return None
+    n = len(rows)
+    return PriorView(
+        n=n,
+        accuracy=sum(r[0] for r in rows) / n,
+        answer_accuracy=sum(r[1] for r in rows) / n,
+        agreement=sum(r[2] for r in rows) / n,
+    )
+
+
 def _groups(trajs: Sequence[Trajectory]) -> GroupVariance:
     by_instance: dict[str, list[float]] = defaultdict(list)
     for traj in trajs:
@@ -332,6 +366,7 @@ def compute_evidence(
         near_miss_share=near,
         absent_share=absent,
         groups=_groups(trajectories),
+        prior=_prior(trajectories),
         levers=lever_stats(history),
         rejection_streak=_trailing_rejections(trainable),
     )

@@ -9,7 +9,9 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
    the batch is solved, or after `max_rejections` consecutive rejected candidates (both levers).
 2. Each lever that fits the budget gets a proposal. Harness: the firing rule that addresses most
    of the batch among format failures (focus "format"), gold absent from the shortlist (focus
-   "shortlist") and rollout errors (focus "format"). Weights: a learnable pattern among wrong
+   "shortlist"), a prior the answer leaves unused (the harness's `prior_ranked` right more often
+   than its answer: focus "scoring", hint "prior_up"), an answer bound by its prior (it follows
+   the prior and gains nothing on it: focus "shortlist") and rollout errors (focus "format"). Weights: a learnable pattern among wrong
    answers (gold often ranked 2..k, or confusions repeated across instances); the method is
    GRPO only when sampled groups show reward variance, else SFT. A lever with no firing rule
    gets a fallback proposal that says so.
@@ -21,7 +23,7 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
 Guaranteed: no reward variance within sampled groups never yields GRPO; a Decision's
 `evidence` holds the full `Evidence` dump plus `rule`, `chosen_by`, `focus` and the minute
 estimates. `settings` holds, for the harness, `{"focus": ...}` (the Meta-Agent's operator
-family); for weights only trainer settings (the configured `sft_settings` / `grpo_settings`,
+family, plus `hint` and `prior_gap` for an unused prior); for weights only trainer settings (the configured `sft_settings` / `grpo_settings`,
 plus `group_size` for GRPO), so the trainer can validate them as they are.
 Not guaranteed: the thresholds are defaults, not tuned optima; minute estimates before a lever
 has history are the settings' guesses.
@@ -90,6 +92,10 @@ class OfflineFeedbackSettings(BaseModel):
     format_share: float = Field(default=0.15, ge=0, le=1)  # invalid + unparsable, of the batch
     error_share: float = Field(default=0.10, ge=0, le=1)  # timeouts, crashes, other errors
     absent_share: float = Field(default=0.30, ge=0, le=1)  # of ranked wrong: gold not shortlisted
+    # The harness's prior (`prior_ranked`) right this much more often than its answer: unused.
+    prior_gap: float = Field(default=0.05, gt=0, le=1)
+    # The answer follows the prior this often (and gains nothing on it): the prior bounds it.
+    prior_agreement: float = Field(default=0.85, gt=0, le=1)
     # Weights rule: fewer wrong answers than `min_wrong` are anecdotes, not a pattern.
     min_wrong: int = Field(default=5, ge=1)
     near_k: int = Field(default=3, ge=2)  # a near miss is gold ranked 2..near_k
@@ -266,6 +272,7 @@ class OfflineFeedbackAgent:
                 f"{s.absent_share:.0%}; no adapter can pick an option that was never scored."
             )
             fired.append(("gold_absent", Focus.shortlist, why, k / ev.n))
+        fired += self._prior_rules(ev)
         if ev.error_share > 0 and ev.error_share >= s.error_share:
             why = (
                 f"Harness, focus format: {ev.error_share:.0%} of {ev.n} rollouts failed "
@@ -276,14 +283,42 @@ class OfflineFeedbackAgent:
         if not fired:
             return None
         rule, focus, why, share = max(fired, key=lambda r: r[3])
+        settings: dict[str, Any] = {"focus": focus.value}
+        if rule == "unused_prior":
+            settings["hint"] = "prior_up"
+            settings["prior_gap"] = share
         return _Proposal(
             lever=Lever.harness,
             rule=rule,
             why=why,
             addressable=share,
-            settings={"focus": focus.value},
+            settings=settings,
             focus=focus.value,
         )
+
+    def _prior_rules(self, ev: Evidence) -> list[tuple[str, Focus, str, float]]:
+        """The harness's prior against its answer: unused (scoring) or binding (shortlist)."""
+        s, p = self.settings, ev.prior
+        if p is None or p.n < s.min_wrong:
+            return []
+        gap = p.accuracy - p.answer_accuracy
+        if gap >= s.prior_gap:
+            why = (
+                f"Harness, focus scoring: the harness's own prior ranks gold first in "
+                f"{p.accuracy:.0%} of {p.n} items, its answer is right in {p.answer_accuracy:.0%} "
+                f"(gap {gap:.0%}, threshold {s.prior_gap:.0%}): the scoring leaves that signal "
+                f"unused."
+            )
+            return [("unused_prior", Focus.scoring, why, gap)]
+        if p.agreement >= s.prior_agreement and p.answer_accuracy < s.solved_accuracy:
+            why = (
+                f"Harness, focus shortlist: the answer follows the prior's top option in "
+                f"{p.agreement:.0%} of {p.n} items (threshold {s.prior_agreement:.0%}) and is "
+                f"right in {p.answer_accuracy:.0%}, no better than the prior "
+                f"({p.accuracy:.0%}): the prior and its shortlist bound the answer."
+            )
+            return [("prior_bound", Focus.shortlist, why, 1.0 - p.accuracy)]
+        return []
 
     def _weights(self, ev: Evidence, budget: Budget, costs: dict[str, float]) -> _Proposal | None:
         """A learnable pattern among wrong answers: either signal suffices, as both say the

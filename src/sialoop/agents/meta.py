@@ -15,13 +15,13 @@ from typing import Any
 from sialoop.harness.operators import Operator, apply_operator, read_constants
 from sialoop.records import Decision
 
-Move = Callable[[dict[str, Any]], Operator | None]
+Move = Callable[[dict[str, Any], dict[str, Any]], list[Operator | None]]
 
 FAMILIES = ("examples", "shortlist", "scoring", "format")
 ROTATE_AFTER = 2  # edits of the focus family tried on a parent before the others come first
 
 
-def _examples(c: dict[str, Any]) -> list[Operator | None]:
+def _examples(c: dict[str, Any], settings: dict[str, Any]) -> list[Operator | None]:
     moves: list[Operator | None] = []
     if c.get("EXAMPLE_SELECTION") == "fixed":
         moves.append(
@@ -51,7 +51,7 @@ def _examples(c: dict[str, Any]) -> list[Operator | None]:
     return moves
 
 
-def _shortlist(c: dict[str, Any]) -> list[Operator | None]:
+def _shortlist(c: dict[str, Any], settings: dict[str, Any]) -> list[Operator | None]:
     moves: list[Operator | None] = []
     if c.get("SHORTLIST_SOURCE") == "neighbours":
         moves.append(
@@ -73,31 +73,46 @@ def _shortlist(c: dict[str, Any]) -> list[Operator | None]:
     return moves
 
 
-def _scoring(c: dict[str, Any]) -> list[Operator | None]:
-    moves: list[Operator | None] = []
+PRIOR_LADDER = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # prior weights, about 3x apart
+BIG_GAP = 0.3  # an unused prior this much better than the answer: skip a rung of the ladder
+
+
+def _prior_weight(weight: float, why: str) -> Operator:
+    return Operator(family="scoring", assignments={"PRIOR_WEIGHT": weight}, why=why)
+
+
+def _scoring(c: dict[str, Any], settings: dict[str, Any]) -> list[Operator | None]:
+    """Prior weight up or down the ladder, and the other normalisation. With the hint
+    `prior_up` (the prior beats the answer) heavier weights come first, skipping a rung when the
+    gap is large; otherwise one step up, the other normalisation, then one step down."""
+    vote = "vote of retrieval/classifier prior, weight {x}, with the LM score"
+    up, down, normalize = [], [], []
     if "PRIOR_WEIGHT" in c:
-        for w in (1.0, 3.0, 0.3):
-            if w != c["PRIOR_WEIGHT"]:
-                moves.append(
-                    Operator(
-                        family="scoring",
-                        assignments={"PRIOR_WEIGHT": w},
-                        why=f"vote of retrieval/classifier prior, weight {w}, with the LM score",
-                    )
-                )
+        w = c["PRIOR_WEIGHT"]
+        heavier = [x for x in PRIOR_LADDER if x > max(w, 0.3)]  # from 0, start at 1
+        down = [_prior_weight(x, vote.format(x=x)) for x in PRIOR_LADDER if 0 < x < w][-1:]
+        if settings.get("hint") == "prior_up":
+            gap = float(settings.get("prior_gap", 0.0))
+            picks = heavier[1::-1] if gap >= BIG_GAP else heavier[:2]
+            why = "prior weight {x} (was {w}): the prior beats the answer by {gap:.0%}"
+            up = [_prior_weight(x, why.format(x=x, w=w, gap=gap)) for x in picks]
+        else:
+            up = [_prior_weight(x, vote.format(x=x)) for x in heavier[:1]]
     if "NORMALIZE" in c:
         other = "mean" if c["NORMALIZE"] == "sum" else "sum"
-        moves.append(
+        normalize = [
             Operator(
                 family="scoring",
                 assignments={"NORMALIZE": other},
                 why=f"option log-probabilities normalised by {other}",
             )
-        )
-    return moves
+        ]
+    if settings.get("hint") == "prior_up":
+        return [*up, *normalize, *down]
+    return [*up[:1], *normalize, *up[1:], *down]
 
 
-def _format(c: dict[str, Any]) -> list[Operator | None]:
+def _format(c: dict[str, Any], settings: dict[str, Any]) -> list[Operator | None]:
     if "QUERY_CHARS" in c:
         return [
             Operator(
@@ -109,7 +124,12 @@ def _format(c: dict[str, Any]) -> list[Operator | None]:
     return []
 
 
-_MOVES = {"examples": _examples, "shortlist": _shortlist, "scoring": _scoring, "format": _format}
+_MOVES: dict[str, Move] = {
+    "examples": _examples,
+    "shortlist": _shortlist,
+    "scoring": _scoring,
+    "format": _format,
+}
 
 
 class OfflineMetaAgent:
@@ -125,7 +145,7 @@ class OfflineMetaAgent:
             FAMILIES, key=lambda f: (tries[f] - (f == focus) * (ROTATE_AFTER - 1), f != focus)
         )
         for family in order:
-            for op in _MOVES[family](constants):
+            for op in _MOVES[family](constants, decision.settings):
                 if op is not None and op.key not in tried:
                     return op
         return None

@@ -109,7 +109,8 @@ class _Scores:
 class HFBackend:
     """A causal LM and its LoRA adapters, loaded with transformers and peft.
 
-    `dtype` is "bfloat16" (default, ~2x faster on CPUs with bf16) or "float32" (exact tests).
+    `dtype` is "bfloat16" (~2x faster where the CPU computes bf16 natively, ~4x slower where it
+    does not: see `sialoop.policy.dtype`) or "float32".
     `threads` sets torch's intra-op threads; None keeps torch's default (one per core).
     """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sialoop.config import PolicyConfig
 from sialoop.errors import PolicyError
+from sialoop.policy.dtype import resolve_dtype
 from sialoop.policy.recorder import Recorder
 
 
@@ -35,7 +36,9 @@ def serve_policy(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    backend = HFBackend(resolve_model_dir(cfg), dtype=cfg.dtype, max_batch=cfg.max_batch)
+    backend = HFBackend(
+        resolve_model_dir(cfg), dtype=resolve_dtype(cfg.dtype), max_batch=cfg.max_batch
+    )
     for name, path in (adapters or {}).items():
         backend.add_adapter(name, path)
     with PolicyServer(backend, recorder) as server:

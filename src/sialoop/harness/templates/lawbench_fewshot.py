@@ -64,18 +64,31 @@ def shortlist(near):
     return picked
 
 
-_CLASSIFIER = None
+CLASSIFIER_FOLDS = 3
+# A train case is assigned a fold; the classifier that scores it never saw that fold, so train
+# rollouts (the Feedback-Agent's evidence, the trainer's prompts) do not see their own label.
+_FOLD = {r["text"]: i % CLASSIFIER_FOLDS for i, r in enumerate(_TRAIN)}
+_CLASSIFIERS = {}
+
+
+def classifier_for(text):
+    """A LinearSVC on the TF-IDF features, fitted on first use without the fold of `text` (all of
+    train for a text outside it), so harnesses that never ask pay nothing."""
+    fold = _FOLD.get(text)
+    if fold not in _CLASSIFIERS:
+        rows = [i for i, r in enumerate(_TRAIN) if fold is None or _FOLD[r["text"]] != fold]
+        _CLASSIFIERS[fold] = LinearSVC(C=0.5).fit(_MATRIX[rows], [_TRAIN[i]["label"] for i in rows])
+    return _CLASSIFIERS[fold]
 
 
 def classifier_shortlist(text):
-    """Top charges by a LinearSVC on the TF-IDF features, with softmax-normalised margins."""
-    global _CLASSIFIER
-    if _CLASSIFIER is None:  # fitted on first use, so harnesses that never ask pay nothing
-        _CLASSIFIER = LinearSVC(C=0.5).fit(_MATRIX, [r["label"] for r in _TRAIN])
-    margins = _CLASSIFIER.decision_function(_VECTORIZER.transform([text]))[0]
+    """Top charges by the classifier, with softmax-normalised margins as their prior."""
+    classifier = classifier_for(text)
+    raw = classifier.decision_function(_VECTORIZER.transform([text]))
+    margins = raw[0] if raw.ndim == 2 else np.array([-raw[0], raw[0]])  # two classes: one margin
     top = np.argsort(-margins)[:SHORTLIST]
     prior = np.exp(margins[top] - margins[top].max())
-    return [str(_CLASSIFIER.classes_[i]) for i in top], list(prior / prior.sum())
+    return [str(classifier.classes_[i]) for i in top], list(prior / prior.sum())
 
 
 def neighbour_prior(near, options):
@@ -112,4 +125,6 @@ def solve(instance, llm):
             s + PRIOR_WEIGHT * float(np.log(p + 1e-3)) for s, p in zip(scores, prior, strict=True)
         ]
     ranked = [o for _, o in sorted(zip(scores, options, strict=True), key=lambda pair: -pair[0])]
-    return {"label": argmax(options, scores), "ranked": ranked}
+    # The prior's own ranking lets the Feedback-Agent see whether the final answer uses it well.
+    prior_ranked = [o for _, o in sorted(zip(prior, options, strict=True), key=lambda p: -p[0])]
+    return {"label": argmax(options, scores), "ranked": ranked, "prior_ranked": prior_ranked}
