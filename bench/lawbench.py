@@ -2,12 +2,18 @@
 
     python bench/lawbench.py                       # classical reference only (seconds)
     python bench/lawbench.py --run both=runs/R1 --run harness=runs/R2 --run weights=runs/R3
-    python bench/lawbench.py --launch              # runs the three loops first (hours on 2 cores)
+    python bench/lawbench.py --launch              # runs every row's loop first (hours on 2 cores)
+    python bench/lawbench.py --launch zero-shot --launch weights --set split.test_size=300
 
-For each run directory it reads, from the store only: generation 0's val and test top-1, the
-best version's, and the wall minutes each lever spent. Test is reported on all 913 cases and
-without the 12 texts that also occur verbatim in train.csv. The classical reference is TF-IDF
-character n-grams + LinearSVC fitted on the same train split. JSON: bench/results/lawbench.json.
+Rows: `zero-shot` (the base model alone: no examples, no shortlist, greedy continuation matched
+to a charge; generation 0 only), `generation0` (the reference harness, no generation after it),
+`harness` and `weights` (the loop with one lever), `both` (the loop with both levers). For each
+run directory it reads, from the store only: generation 0's val top-1, the best version's val
+and test top-1, and the wall minutes each lever spent. Test is reported on all test cases scored
+and without the 12 texts that also occur verbatim in train.csv; `n` says how many were scored
+(`--set split.test_size=N` scores the first N only, and the table shows it). The classical
+reference is TF-IDF character n-grams + LinearSVC fitted on the same train split.
+JSON: bench/results/lawbench.json (rows already there and not re-run are kept).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -31,10 +38,13 @@ from sialoop.tasks import load_task
 from sialoop.tasks.lawbench import LawBenchTask
 
 RESULTS = Path(__file__).parent / "results" / "lawbench.json"
+ZERO_SHOT = files("sialoop.harness.templates") / "lawbench_zeroshot.py"
 LAUNCH = {
-    "both": [],
+    "zero-shot": ["--set", "loop.generations=0", "--set", f"harness='{ZERO_SHOT}'"],
+    "generation0": ["--set", "loop.generations=0"],
     "harness": ["--set", "loop.levers=['harness']"],
     "weights": ["--set", "loop.levers=['weights']"],
+    "both": [],
 }
 
 
@@ -99,21 +109,28 @@ def from_run(root: Path, dupes: set[str]) -> dict:
         if v.generation > 0 and v.generation in decisions:
             lever = decisions[v.generation].lever.value
             minutes[lever] = minutes.get(lever, 0.0) + v.detail.get("minutes", 0.0)
+    info = store.run_info()
     return {
         "run": str(root),
+        "status": info.status,
+        "loop_minutes_budget": info.config["loop"]["minutes"],
         "generation0": {"val": val["v0"].value, "n_val": val["v0"].n},
         "best": {
             "version": best.version_id,
             "adapter": best.adapter,
             "val": val[best.version_id].value,
+            "n_val": val[best.version_id].n,
             **_test_top1(store, best.version_id, dupes),
         },
         "versions": [
             {
                 "version": v.version_id,
+                "parent": v.parent_id,
                 "status": v.status,
                 "note": v.note,
                 "val": val[v.version_id].value if v.version_id in val else None,
+                "minutes": round(v.detail.get("minutes", 0.0), 1),
+                "p_value": v.detail.get("gate", {}).get("p_value"),
             }
             for v in store.versions()
         ],
@@ -123,6 +140,8 @@ def from_run(root: Path, dupes: set[str]) -> dict:
                 "generation": d.generation,
                 "lever": d.lever.value,
                 "method": d.method,
+                "rule": d.evidence.get("rule"),
+                "chosen_by": d.evidence.get("chosen_by"),
                 "rationale": d.rationale,
             }
             for d in store.decisions()
@@ -130,56 +149,73 @@ def from_run(root: Path, dupes: set[str]) -> dict:
     }
 
 
+def launch(name: str, data: Path, sets: list[str]) -> str:
+    run_id = time.strftime("%Y%m%d-%H%M%S-bench-") + name
+    extra = [a for s in sets for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "sialoop.cli", "run", "--task", "lawbench", "--data", str(data)]
+    subprocess.run([*cmd, "--run-id", run_id, *LAUNCH[name], *extra], check=True)
+    return f"runs/{run_id}"
+
+
+def _fmt(x: float | None, width: int) -> str:
+    return f"{x:{width}.4f}" if x is not None else f"{'–':>{width}}"
+
+
+def print_table(result: dict) -> None:
+    c = result["classical"]
+    print(f"{'system':34} {'val':>7} {'n':>4} {'test':>7} {'n':>4} {'test-dup':>8}  minutes")
+    print(
+        f"{'classical TF-IDF+LinearSVC':34} {_fmt(c['val']['top1'], 7)} {c['val']['n']:4} "
+        f"{_fmt(c['test']['top1'], 7)} {c['test']['n']:4} "
+        f"{_fmt(c['test_without_duplicates']['top1'], 8)}  {c['seconds'] / 60:.1f}"
+    )
+    for name in LAUNCH:
+        r = result["runs"].get(name)
+        if r is None:
+            continue
+        b = r["best"]
+        test, dup = b.get("test", {}), b.get("test_without_duplicates", {})
+        label = f"{name} (best {b['version']})" if name in ("harness", "weights", "both") else name
+        print(
+            f"{label:34} {_fmt(b['val'], 7)} {b['n_val']:4} {_fmt(test.get('top1'), 7)} "
+            f"{test.get('n', 0):4} {_fmt(dup.get('top1'), 8)}  {r['minutes_per_lever']}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--run", action="append", default=[], help="name=RUN_DIR")
-    parser.add_argument("--launch", action="store_true", help="run the three loops first")
+    parser.add_argument("--run", action="append", default=[], help="ROW=RUN_DIR")
+    parser.add_argument(
+        "--launch",
+        action="append",
+        nargs="?",
+        const="all",
+        choices=[*LAUNCH, "all"],
+        help="run this row's loop first (repeatable; no name: every row)",
+    )
+    parser.add_argument("--set", action="append", default=[], help="key=value for launched runs")
     args = parser.parse_args()
     cfg = RunConfig(data=args.data)
     task = load_task("lawbench", args.data)
     assert isinstance(task, LawBenchTask)
     dupes = duplicate_test_ids(task)
-    runs = dict(r.split("=", 1) for r in args.run)
-    if args.launch:
-        for name, extra in LAUNCH.items():
-            run_id = time.strftime("%Y%m%d-%H%M%S-bench-") + name
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "sialoop.cli",
-                    "run",
-                    "--task",
-                    "lawbench",
-                    "--data",
-                    str(args.data),
-                    "--run-id",
-                    run_id,
-                    *extra,
-                ],
-                check=True,
-            )
-            runs[name] = f"runs/{run_id}"
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = {name: r["run"] for name, r in previous.get("runs", {}).items() if name in LAUNCH}
+    runs.update(dict(r.split("=", 1) for r in args.run))
+    names = list(LAUNCH) if "all" in (args.launch or []) else (args.launch or [])
+    for name in names:
+        runs[name] = launch(name, args.data, args.set)
     result = {
         "duplicates_in_test": len(dupes),
         "classical": classical(task, dupes, cfg),
-        "runs": {name: from_run(Path(root), dupes) for name, root in runs.items()},
+        "runs": {
+            name: from_run(Path(root), dupes) for name, root in runs.items() if Path(root).is_dir()
+        },
     }
-    c = result["classical"]
-    print(f"{'system':28} {'val':>8} {'test':>8} {'test-dup':>9}")
-    print(
-        f"{'classical TF-IDF+SVC':28} {c['val']['top1']:8.4f} {c['test']['top1']:8.4f} {c['test_without_duplicates']['top1']:9.4f}"
-    )
-    for name, r in result["runs"].items():
-        b = r["best"]
-        print(f"{name + ' gen 0':28} {r['generation0']['val']:8.4f}")
-        t, td = b.get("test", {}).get("top1"), b.get("test_without_duplicates", {}).get("top1")
-        print(
-            f"{name + ' best ' + b['version']:28} {b['val']:8.4f} {t if t is not None else float('nan'):8.4f} {td if td is not None else float('nan'):9.4f}   minutes {r['minutes_per_lever']}"
-        )
+    print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, ensure_ascii=False, indent=2))
     print(f"wrote {RESULTS}")

@@ -290,3 +290,29 @@ def test_an_answer_that_follows_its_prior_points_at_the_shortlist():
 def test_no_prior_in_the_outputs_means_no_prior_view():
     ev = compute_evidence([traj("a", "c1", "c1", ranked=["c1"])])
     assert ev.prior is None
+
+
+def test_an_untried_lever_is_explored_only_while_it_is_affordable():
+    """Both levers supported, weights never tried: explored with time to spare, not with the
+    last of the budget (one SFT attempt is estimated at 20 min by default)."""
+    batch = prior_batch(prior_right=14, answer_follows_prior=False)
+    # Near misses for the weights lever: gold ranked second in every wrong answer.
+    batch = [
+        t.model_copy(
+            update={
+                "output": {
+                    **t.output,
+                    "ranked": [t.output["label"], t.score.detail["gold"]]
+                    if not t.score.correct
+                    else t.output["ranked"],
+                }
+            }
+        )
+        for t in batch
+    ]
+    history = [outcome(Lever.harness, True, 0.3, minutes=7.0)]
+    roomy = decide(batch, history, Budget(minutes_left=100))
+    assert roomy.lever is Lever.weights and roomy.evidence["chosen_by"] == "explore_untried"
+    tight = decide(batch, history, Budget(minutes_left=30))
+    assert tight.lever is Lever.harness, tight.rationale
+    assert tight.evidence["chosen_by"] == "gain_per_minute"

@@ -21,11 +21,15 @@ def _torch() -> Check:
         import torch
     except ImportError:
         return Check(name="torch", ok=False, detail="not installed", fix="run `make setup`")
-    bf16 = torch.backends.mkldnn.is_available()
+    from sialoop.policy.dtype import resolve_dtype
+
     return Check(
         name="torch",
         ok=True,
-        detail=f"{torch.__version__}, {torch.get_num_threads()} threads, mkldnn={bf16}",
+        detail=(
+            f"{torch.__version__}, {torch.get_num_threads()} threads, "
+            f"policy.dtype auto -> {resolve_dtype('auto')}"
+        ),
     )
 
 

@@ -16,7 +16,8 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
    GRPO only when sampled groups show reward variance, else SFT. A lever with no firing rule
    gets a fallback proposal that says so.
 3. Choose, in this order: a lever whose last `lever_patience` candidates were all rejected loses
-   to one that was not; a supported lever beats a fallback; an untried lever is explored; the
+   to one that was not; a supported lever beats a fallback; an untried lever is explored (while
+   one attempt of it costs at most `explore_share` of the minutes left); the
    higher val gain per minute in history wins; the proposal that addresses more of the batch
    wins; the harness (the cheaper lever) breaks a full tie.
 
@@ -110,6 +111,10 @@ class OfflineFeedbackSettings(BaseModel):
     harness_enabled: bool = True  # False for a weights-only run
     # Choice and stopping.
     explore_untried: bool = True
+    # An untried lever is explored only while one attempt of it costs at most this share of the
+    # minutes left: spending the last of the budget on exploring leaves no time to use what the
+    # other lever's evidence points at.
+    explore_share: float = Field(default=0.5, gt=0, le=1)
     lever_patience: int = Field(default=2, ge=1)  # rejections in a row before a lever yields
     max_rejections: int = Field(default=5, ge=1)  # rejections in a row (both levers): stop
     solved_accuracy: float = Field(default=0.99, gt=0, le=1)
@@ -428,12 +433,23 @@ class OfflineFeedbackAgent:
 
     # -- choice -------------------------------------------------------------------------------
 
-    def _key(self, p: _Proposal, ev: Evidence) -> tuple[bool, bool, bool, float, float, int]:
+    def _explorable(self, lever: Lever, ev: Evidence, budget: Budget, costs) -> bool:
+        s = self.settings
+        minutes = self._lever_minutes(costs)[lever]
+        return (
+            s.explore_untried
+            and ev.levers[lever].attempts == 0
+            and minutes <= s.explore_share * budget.minutes_left
+        )
+
+    def _key(
+        self, p: _Proposal, ev: Evidence, budget: Budget, costs: dict[str, float]
+    ) -> tuple[bool, bool, bool, float, float, int]:
         s, stats = self.settings, ev.levers[p.lever]
         return (
             stats.trailing_rejections >= s.lever_patience,
             not p.supported,
-            not (s.explore_untried and stats.attempts == 0),
+            not self._explorable(p.lever, ev, budget, costs),
             -(stats.gain_per_minute or 0.0),
             -p.addressable,
             _LEVER_ORDER.index(p.lever),
@@ -454,12 +470,12 @@ class OfflineFeedbackAgent:
             else:
                 specific = self._weights(ev, budget, costs)
             proposals.append(specific or self._fallback(lever, ev, budget, costs))
-        proposals.sort(key=lambda p: self._key(p, ev))
+        proposals.sort(key=lambda p: self._key(p, ev, budget, costs))
         best = proposals[0]
         if len(proposals) == 1:
             return best, "only_feasible", self._why_alone(best, budget, costs)
         other = proposals[1]
-        bk, ok = self._key(best, ev), self._key(other, ev)
+        bk, ok = self._key(best, ev, budget, costs), self._key(other, ev, budget, costs)
         at = next(i for i, (b, o) in enumerate(zip(bk, ok, strict=True)) if b != o)
         return best, _CHOICE_REASONS[at], self._why_over(at, best, other, ev)
 
