@@ -54,7 +54,7 @@ def test_lawbench_prompt_matches_golden(public_cwd: Path, selection: str):
 
 
 def test_templates_validate(public_cwd: Path):
-    for name in ("lawbench_fewshot.py", "option_scoring.py"):
+    for name in ("lawbench_fewshot.py", "lawbench_zeroshot.py", "option_scoring.py"):
         path = public_cwd / name
         path.write_text(template_source(name))
         validate_harness(path, public_dir=public_cwd / "public")
@@ -74,3 +74,11 @@ def test_a_train_case_is_scored_by_a_classifier_that_never_saw_it(public_cwd: Pa
     assert "故意伤害" in module["classifier_for"]("被告人某某殴打他人。").classes_
     options, prior = module["classifier_shortlist"](only["text"])
     assert "故意伤害" not in options and sum(prior) == pytest.approx(1.0)
+
+
+def test_zero_shot_matches_the_generated_text_to_a_charge(public_cwd: Path):
+    closest = _load("lawbench_zeroshot.py", public_cwd)["closest_option"]
+    assert closest("诈骗罪") == "诈骗"  # the "罪" suffix is not part of the name
+    assert closest(" 被告人犯故意伤害罪，") == "故意伤害"  # the name inside a longer text
+    assert closest("盗窃财物") == "盗窃"
+    assert closest("xyz") in {"盗窃", "故意伤害", "诈骗"}  # always a valid option
