@@ -245,7 +245,9 @@ def test_shared_prompt_runs_once_with_the_same_logprobs_and_gradients(model_dir:
     plain, plain_grads = logprobs_and_grads([[e] for e in items])
     assert shared.tolist() == pytest.approx(plain.tolist(), abs=1e-4)
     for a, b in zip(shared_grads, plain_grads, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+        # fp32 matmuls of other shapes round differently (seen: 3.6e-5 on a gradient of 1.03 on
+        # an AMD EPYC); a wrong shared prompt would be off by far more than 1e-4 of the scale.
+        assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()) + 1e-7, rtol=1e-3)
     assert any(g.abs().sum() > 0 for g in shared_grads)
 
 
