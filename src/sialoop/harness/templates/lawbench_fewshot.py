@@ -8,6 +8,7 @@ only. The constants below are the knobs the Meta-Agent's operators turn.
 """
 
 import json
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -86,32 +87,28 @@ def _margins(classifier, text):
     return raw[0] if raw.ndim == 2 else np.array([-raw[0], raw[0]])  # two classes: one margin
 
 
-_SHARPNESS = []  # fitted once: the softmax temperature that turns margins into a prior
-
-
+@cache  # fitted once per worker: the softmax temperature that turns margins into a prior
 def margin_sharpness():
     """The scale `t` for which softmax(t * margins) best predicts gold on out-of-fold train
     margins (a seeded sample, train data only): raw LinearSVC margins sit in about [-1, 1], so
     their plain softmax is nearly flat and would carry far less weight than the neighbours'
     vote at the same PRIOR_WEIGHT."""
-    if not _SHARPNESS:
-        rows = np.random.default_rng(0).permutation(len(_TRAIN))[:600]
-        scored = []
-        for i in rows:
-            classifier = classifier_for(_TRAIN[i]["text"])
-            classes = list(classifier.classes_)
-            if _TRAIN[i]["label"] in classes:
-                scored.append(
-                    (_margins(classifier, _TRAIN[i]["text"]), classes.index(_TRAIN[i]["label"]))
-                )
-
-        def loglik(t):
-            return sum(
-                t * m[g] - np.log(np.exp(t * (m - m.max())).sum()) - t * m.max() for m, g in scored
+    rows = np.random.default_rng(0).permutation(len(_TRAIN))[:600]
+    scored = []
+    for i in rows:
+        classifier = classifier_for(_TRAIN[i]["text"])
+        classes = list(classifier.classes_)
+        if _TRAIN[i]["label"] in classes:
+            scored.append(
+                (_margins(classifier, _TRAIN[i]["text"]), classes.index(_TRAIN[i]["label"]))
             )
 
-        _SHARPNESS.append(max((1.0, 2.0, 5.0, 10.0, 20.0, 50.0), key=loglik) if scored else 1.0)
-    return _SHARPNESS[0]
+    def loglik(t):
+        return sum(
+            t * m[g] - np.log(np.exp(t * (m - m.max())).sum()) - t * m.max() for m, g in scored
+        )
+
+    return max((1.0, 2.0, 5.0, 10.0, 20.0, 50.0), key=loglik) if scored else 1.0
 
 
 def classifier_shortlist(text):
