@@ -11,9 +11,9 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
    of the batch among format failures (focus "format"), gold absent from the shortlist (focus
    "shortlist"), a prior the answer leaves unused (the harness's `prior_ranked` right more often
    than its answer: focus "scoring", hint "prior_up"), an answer bound by its prior (it follows
-   the prior and gains nothing on it: focus "shortlist") and rollout errors (focus "format"). Weights: a learnable pattern among wrong
-   answers (gold often ranked 2..k, or confusions repeated across instances); the method is
-   GRPO only when sampled groups show reward variance, else SFT. A lever with no firing rule
+   the prior and gains nothing on it: focus "shortlist") and rollout errors (focus "format").
+   Weights: a learnable pattern among wrong answers (gold often ranked 2..k, or confusions
+   repeated across instances); the method is GRPO only when sampled groups show reward variance, else SFT. A lever with no firing rule
    gets a fallback proposal that says so.
 3. Choose, in this order: a lever whose last `lever_patience` candidates were all rejected loses
    to one that was not; a supported lever beats a fallback; an untried lever is explored (while
@@ -24,7 +24,8 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
 Guaranteed: no reward variance within sampled groups never yields GRPO; a Decision's
 `evidence` holds the full `Evidence` dump plus `rule`, `chosen_by`, `focus` and the minute
 estimates. `settings` holds, for the harness, `{"focus": ...}` (the Meta-Agent's operator
-family, plus `hint` and `prior_gap` for an unused prior); for weights only trainer settings (the configured `sft_settings` / `grpo_settings`,
+family, plus `hint` and `prior_gap` for an unused prior); for weights only trainer settings
+(the configured `sft_settings` / `grpo_settings`,
 plus `group_size` for GRPO), so the trainer can validate them as they are.
 Not guaranteed: the thresholds are defaults, not tuned optima; minute estimates before a lever
 has history are the settings' guesses.
@@ -433,7 +434,9 @@ class OfflineFeedbackAgent:
 
     # -- choice -------------------------------------------------------------------------------
 
-    def _explorable(self, lever: Lever, ev: Evidence, budget: Budget, costs) -> bool:
+    def _explorable(
+        self, lever: Lever, ev: Evidence, budget: Budget, costs: dict[str, float]
+    ) -> bool:
         s = self.settings
         minutes = self._lever_minutes(costs)[lever]
         return (
