@@ -221,6 +221,21 @@ def test_exhausted_budget_stops(budget, rule):
     assert d.lever is Lever.stop and d.evidence["rule"] == rule
 
 
+def test_budget_stop_is_decided_before_the_rollout():
+    agent = OfflineFeedbackAgent()
+    kw = {"run_id": "r", "generation": 4}
+    assert agent.decide_before_rollout(History(outcomes=()), PLENTY, **kw) is None
+    spent = agent.decide_before_rollout(History(outcomes=()), Budget(minutes_left=2), **kw)
+    assert spent is not None and spent.lever is Lever.stop
+    assert spent.evidence["rule"] == "budget" and "2.0 min left" in spent.rationale
+    # the estimate comes from history: a harness attempt that took 1 min fits 2 min left
+    quick = [outcome(Lever.harness, True, 0.01, minutes=1.0)]
+    assert (
+        agent.decide_before_rollout(History(outcomes=tuple(quick)), Budget(minutes_left=2), **kw)
+        is None
+    )
+
+
 def test_budget_estimates_come_from_history():
     slow = [outcome(Lever.harness, True, 0.01, minutes=50.0)]
     d = decide(format_batch(), history=slow, budget=Budget(minutes_left=30))

@@ -59,6 +59,16 @@ def test_three_generations_use_both_levers_and_the_gate_decides(
         assert d.rationale and "rule" in d.evidence
 
 
+def test_spent_budget_stops_before_rolling_out(tmp_path: Path, tiny_model_dir: Path):
+    result = runner.invoke(app, _args(tmp_path, tiny_model_dir, "r", "--set", "loop.minutes=0"))
+    assert result.exit_code == 0, result.output
+    store = Store.open(tmp_path / "r")
+    (stop,) = [d for d in store.decisions() if d.generation > 0]
+    assert stop.lever.value == "stop" and stop.evidence["rule"] == "budget", stop.rationale
+    assert store.trajectories(split="train") == []
+    assert [v.version_id for v in store.versions()] == ["v0"]
+
+
 def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sialoop.cli", *args],

@@ -44,7 +44,7 @@ class SandboxConfig(_Section):
 
 class LoopConfig(_Section):
     generations: int = Field(default=8, ge=0)  # generations after generation 0
-    minutes: float = Field(default=35.0, ge=0)  # wall budget of those generations
+    minutes: float = Field(default=25.0, ge=0)  # wall budget of those generations
     train_batch: int = Field(default=48, ge=2)  # train items rolled out per generation
     train_items: int = Field(default=160, ge=2)  # train items whose prompts feed the trainer
     levers: tuple[Literal["harness", "weights"], ...] = Field(

@@ -96,9 +96,6 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
     stored = [d for d in ctx.store.decisions() if d.generation == g]
     if stored:
         return stored[-1]
-    batch = ctx.train_sample(ctx.cfg.loop.train_batch, seed=ctx.cfg.seed + g)
-    with phase_bar(ctx.console, f"gen {g}: {incumbent.version_id} on train", len(batch)) as bar:
-        trajectories = rollout(ctx.rollout_ctx(incumbent), batch, bar)
     levers = ctx.cfg.loop.levers
     agent = OfflineFeedbackAgent(
         OfflineFeedbackSettings(
@@ -107,9 +104,14 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
             lever_patience=ctx.cfg.loop.lever_patience,
         )
     )
-    decision = agent.decide(
-        trajectories, history(ctx.store), budget, run_id=incumbent.run_id, generation=g
-    )
+    past = history(ctx.store)
+    decision = agent.decide_before_rollout(past, budget, run_id=incumbent.run_id, generation=g)
+    if decision is None:
+        batch = ctx.train_sample(ctx.cfg.loop.train_batch, seed=ctx.cfg.seed + g)
+        title = f"gen {g}: {incumbent.version_id} on train"
+        with phase_bar(ctx.console, title, len(batch)) as bar:
+            trajectories = rollout(ctx.rollout_ctx(incumbent), batch, bar)
+        decision = agent.decide(trajectories, past, budget, run_id=incumbent.run_id, generation=g)
     ctx.store.add_decision(decision)
     ctx.console.print(
         f"[bold]gen {g} decision:[/] {decision.lever.value}"

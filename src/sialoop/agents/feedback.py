@@ -7,14 +7,16 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
 
 1. Stop when no generation is left, when the minutes left cannot fit the cheapest lever, when
    the batch is solved, or after `max_rejections` consecutive rejected candidates (both levers).
+   The first two need no trajectory: `decide_before_rollout` applies them before the loop pays
+   for the generation's rollout.
 2. Each lever that fits the budget gets a proposal. Harness: the firing rule that addresses most
    of the batch among format failures (focus "format"), gold absent from the shortlist (focus
    "shortlist"), a prior the answer leaves unused (the harness's `prior_ranked` right more often
    than its answer: focus "scoring", hint "prior_up"), an answer bound by its prior (it follows
    the prior and gains nothing on it: focus "shortlist") and rollout errors (focus "format").
    Weights: a learnable pattern among wrong answers (gold often ranked 2..k, or confusions
-   repeated across instances); the method is GRPO only when sampled groups show reward variance, else SFT. A lever with no firing rule
-   gets a fallback proposal that says so.
+   repeated across instances); the method is GRPO only when sampled groups show reward
+   variance, else SFT. A lever with no firing rule gets a fallback proposal that says so.
 3. Choose, in this order: a lever whose last `lever_patience` candidates were all rejected loses
    to one that was not; a supported lever beats a fallback; an untried lever is explored (while
    one attempt of it costs at most `explore_share` of the minutes left); the
@@ -153,6 +155,10 @@ class _Proposal(BaseModel):
     focus: str | None = None  # what the evidence points at, kept in the Decision's evidence
 
 
+def _stop(rule: str, why: str) -> _Proposal:
+    return _Proposal(lever=Lever.stop, rule=rule, why=f"Stop: {why}")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
@@ -226,29 +232,49 @@ class OfflineFeedbackAgent:
             out[Lever.weights] = min(costs["sft"], costs["grpo"])
         return out
 
-    def _stop(self, ev: Evidence, budget: Budget, costs: dict[str, float]) -> _Proposal | None:
-        s = self.settings
+    def decide_before_rollout(
+        self, history: History, budget: Budget, *, run_id: str, generation: int
+    ) -> Decision | None:
+        """A stop Decision when the budget alone rules out every lever, else None.
+
+        Asked before the generation's rollout, so that a spent budget does not pay for a train
+        batch (about two minutes of LawBench on a CPU) only to stop after it.
+        """
+        costs = self._minutes(history)
+        if (chosen := self._budget_stop(budget, costs)) is None:
+            return None
+        return Decision(
+            run_id=run_id,
+            generation=generation,
+            lever=chosen.lever,
+            rationale=f"{chosen.why} Decided before the rollout: no trajectory was needed.",
+            evidence={"rule": chosen.rule, "chosen_by": "stop", "minutes_estimate": costs},
+        )
+
+    def _budget_stop(self, budget: Budget, costs: dict[str, float]) -> _Proposal | None:
         lever, cheapest = min(self._lever_minutes(costs).items(), key=lambda kv: kv[1])
-
-        def stop(rule: str, why: str) -> _Proposal:
-            return _Proposal(lever=Lever.stop, rule=rule, why=f"Stop: {why}")
-
         if budget.generations_left is not None and budget.generations_left <= 0:
-            return stop("no_generations", "no generation is left in the budget.")
+            return _stop("no_generations", "no generation is left in the budget.")
         if budget.minutes_left < cheapest:
-            return stop(
+            return _stop(
                 "budget",
                 f"{budget.minutes_left:.1f} min left cannot fit the cheapest lever "
                 f"({lever}, about {cheapest:.1f} min).",
             )
+        return None
+
+    def _stop(self, ev: Evidence, budget: Budget, costs: dict[str, float]) -> _Proposal | None:
+        s = self.settings
+        if (spent := self._budget_stop(budget, costs)) is not None:
+            return spent
         if ev.accuracy >= s.solved_accuracy:
-            return stop(
+            return _stop(
                 "solved",
                 f"the batch is solved: accuracy {ev.accuracy:.1%} on {ev.n} trajectories "
                 f"(threshold {s.solved_accuracy:.0%}).",
             )
         if ev.rejection_streak >= s.max_rejections:
-            return stop(
+            return _stop(
                 "stalled",
                 f"the last {ev.rejection_streak} candidates (both levers) were all rejected "
                 f"on val (limit {s.max_rejections}).",
