@@ -11,7 +11,8 @@ to a charge; generation 0 only), `generation0` (the reference harness, no genera
 run directory it reads, from the store only: generation 0's val top-1, the best version's val
 and test top-1, and the wall minutes each lever spent. Test is reported on all test cases scored
 and without the 12 texts that also occur verbatim in train.csv; `n` says how many were scored
-(`--set split.test_size=N` scores the first N only, and the table shows it). The classical
+(`--set split.test_size=N` scores the first N only, and the table shows it; when rows differ in
+n, the column test@N gives every row on the N cases they all scored). The classical
 reference is TF-IDF character n-grams + LinearSVC fitted on the same train split.
 JSON: bench/results/lawbench.json (rows already there and not re-run are kept).
 """
@@ -81,8 +82,30 @@ def classical(task: LawBenchTask, dupes: set[str], cfg: RunConfig) -> dict:
         out[split] = _top1(task, instances, preds)
         if split == "test":
             out["test_without_duplicates"] = _top1(task, instances, preds, dupes)
+            correct = {i.id: task.score(i, p).value for i, p in zip(instances, preds, strict=True)}
     out["seconds"] = round(time.perf_counter() - start, 1)
-    return out
+    return out, correct
+
+
+def test_scores(root: Path) -> dict[str, float]:
+    """Test score per instance id of the run's best version (empty when test was not scored)."""
+    store = Store.open(root)
+    trajs = store.trajectories(best_version(store).version_id, "test")
+    return {t.instance_id: t.score.value if t.score else 0.0 for t in trajs}
+
+
+def on_common_cases(result: dict, scores: dict[str, dict[str, float]]) -> int | None:
+    """Adds `test_common` (top-1 on the test cases every row scored) when rows differ in n."""
+    scored = [s for s in scores.values() if s]
+    if len(scored) < 2 or len({len(s) for s in scored}) == 1:
+        return None
+    common = set.intersection(*(set(s) for s in scored))
+    for name, s in scores.items():
+        if s:
+            top1 = sum(s[i] for i in common) / len(common)
+            target = result["classical"] if name == "classical" else result["runs"][name]["best"]
+            target["test_common"] = {"top1": top1, "n": len(common)}
+    return len(common)
 
 
 def _test_top1(store: Store, version_id: str, dupes: set[str]) -> dict:
@@ -110,10 +133,15 @@ def from_run(root: Path, dupes: set[str]) -> dict:
             lever = decisions[v.generation].lever.value
             minutes[lever] = minutes.get(lever, 0.0) + v.detail.get("minutes", 0.0)
     info = store.run_info()
+    evaluations = store.evaluations()
+    test = [e for e in evaluations if e.split == "test"]
     return {
         "run": str(root),
         "status": info.status,
         "loop_minutes_budget": info.config["loop"]["minutes"],
+        # run start to its last evaluation (test, when scored): the loop and test, not setup
+        "wall_minutes": round((max(e.created_at for e in evaluations) - info.created_at) / 60, 1),
+        "test_minutes": round(test[-1].seconds / 60, 1) if test else None,
         "generation0": {"val": val["v0"].value, "n_val": val["v0"].n},
         "best": {
             "version": best.version_id,
@@ -162,12 +190,21 @@ def _fmt(x: float | None, width: int) -> str:
 
 
 def print_table(result: dict) -> None:
-    c = result["classical"]
-    print(f"{'system':34} {'val':>7} {'n':>4} {'test':>7} {'n':>4} {'test-dup':>8}  minutes")
+    c, n_common = result["classical"], result.get("test_common_n")
+    common = f" {'test@' + str(n_common):>8}" if n_common else ""
+
+    def at_common(row: dict) -> str:
+        return f" {_fmt(row.get('test_common', {}).get('top1'), 8)}" if n_common else ""
+
+    print(
+        f"{'system':34} {'val':>7} {'n':>4} {'test':>7} {'n':>4} {'test-dup':>8}{common}"
+        "  wall min (test)  minutes per lever"
+    )
     print(
         f"{'classical TF-IDF+LinearSVC':34} {_fmt(c['val']['top1'], 7)} {c['val']['n']:4} "
         f"{_fmt(c['test']['top1'], 7)} {c['test']['n']:4} "
-        f"{_fmt(c['test_without_duplicates']['top1'], 8)}  {c['seconds'] / 60:.1f}"
+        f"{_fmt(c['test_without_duplicates']['top1'], 8)}{at_common(c)}  "
+        f"{c['seconds'] / 60:8.1f}"
     )
     for name in LAUNCH:
         r = result["runs"].get(name)
@@ -178,7 +215,8 @@ def print_table(result: dict) -> None:
         label = f"{name} (best {b['version']})" if name in ("harness", "weights", "both") else name
         print(
             f"{label:34} {_fmt(b['val'], 7)} {b['n_val']:4} {_fmt(test.get('top1'), 7)} "
-            f"{test.get('n', 0):4} {_fmt(dup.get('top1'), 8)}  {r['minutes_per_lever']}"
+            f"{test.get('n', 0):4} {_fmt(dup.get('top1'), 8)}{at_common(b)}  "
+            f"{r['wall_minutes']:8.1f} ({r['test_minutes'] or 0:.0f})  {r['minutes_per_lever']}"
         )
 
 
@@ -208,13 +246,15 @@ def main() -> None:
     names = list(LAUNCH) if "all" in (args.launch or []) else (args.launch or [])
     for name in names:
         runs[name] = launch(name, args.data, args.set)
+    reference, reference_scores = classical(task, dupes, cfg)
+    present = {name: Path(root) for name, root in runs.items() if Path(root).is_dir()}
     result = {
         "duplicates_in_test": len(dupes),
-        "classical": classical(task, dupes, cfg),
-        "runs": {
-            name: from_run(Path(root), dupes) for name, root in runs.items() if Path(root).is_dir()
-        },
+        "classical": reference,
+        "runs": {name: from_run(root, dupes) for name, root in present.items()},
     }
+    scores = {"classical": reference_scores, **{n: test_scores(r) for n, r in present.items()}}
+    result["test_common_n"] = on_common_cases(result, scores)
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, ensure_ascii=False, indent=2))
