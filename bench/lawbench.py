@@ -55,16 +55,20 @@ def duplicate_test_ids(task: LawBenchTask) -> set[str]:
     return {i.id for i in task.instances("test") if i.inputs["text"] in train_texts}
 
 
-def _top1(task: LawBenchTask, instances, predictions, skip: set[str] = frozenset()) -> dict:
-    scored = [
-        task.score(i, p).value
-        for i, p in zip(instances, predictions, strict=True)
-        if i.id not in skip
-    ]
-    return {"top1": sum(scored) / len(scored), "n": len(scored)}
+def _top1(scores: dict[str, float], skip: set[str] = frozenset()) -> dict:
+    """Mean score over instance ids, leaving out `skip`."""
+    kept = [v for i, v in scores.items() if i not in skip]
+    return {"top1": sum(kept) / len(kept), "n": len(kept)}
 
 
-def classical(task: LawBenchTask, dupes: set[str], cfg: RunConfig) -> dict:
+def _test_top1(scores: dict[str, float], dupes: set[str]) -> dict:
+    if not scores:
+        return {}
+    return {"test": _top1(scores), "test_without_duplicates": _top1(scores, dupes)}
+
+
+def classical(task: LawBenchTask, dupes: set[str], cfg: RunConfig) -> tuple[dict, dict]:
+    """The reference's results, and its test score per instance id."""
     start = time.perf_counter()
     train = task.instances("train")
     vec = TfidfVectorizer(
@@ -72,60 +76,49 @@ def classical(task: LawBenchTask, dupes: set[str], cfg: RunConfig) -> dict:
     )
     x = vec.fit_transform([i.inputs["text"] for i in train])
     clf = LinearSVC(C=0.5).fit(x, [task.label(i) for i in train])
-    out = {"method": "tfidf-char1-3 + LinearSVC"}
-    for split, instances in (
-        ("val", val_subset(task, cfg)),
-        ("val_all", task.instances("val")),
-        ("test", task.instances("test")),
-    ):
-        preds = list(clf.predict(vec.transform([i.inputs["text"] for i in instances])))
-        out[split] = _top1(task, instances, preds)
-        if split == "test":
-            out["test_without_duplicates"] = _top1(task, instances, preds, dupes)
-            correct = {i.id: task.score(i, p).value for i, p in zip(instances, preds, strict=True)}
-    out["seconds"] = round(time.perf_counter() - start, 1)
-    return out, correct
+    splits = {
+        "val": val_subset(task, cfg),
+        "val_all": task.instances("val"),
+        "test": task.instances("test"),
+    }
+    scores: dict[str, dict[str, float]] = {}
+    for split, instances in splits.items():
+        preds = clf.predict(vec.transform([i.inputs["text"] for i in instances]))
+        scores[split] = {
+            i.id: task.score(i, p).value for i, p in zip(instances, preds, strict=True)
+        }
+    out = {
+        "method": "tfidf-char1-3 + LinearSVC",
+        **{split: _top1(s) for split, s in scores.items()},
+        "test_without_duplicates": _top1(scores["test"], dupes),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return out, scores["test"]
 
 
-def test_scores(root: Path) -> dict[str, float]:
-    """Test score per instance id of the run's best version (empty when test was not scored)."""
-    store = Store.open(root)
-    trajs = store.trajectories(best_version(store).version_id, "test")
-    return {t.instance_id: t.score.value if t.score else 0.0 for t in trajs}
-
-
-def on_common_cases(result: dict, scores: dict[str, dict[str, float]]) -> int | None:
+def on_common_cases(rows: dict[str, dict], scores: dict[str, dict[str, float]]) -> int | None:
     """Adds `test_common` (top-1 on the test cases every row scored) when rows differ in n."""
-    scored = [s for s in scores.values() if s]
-    if len(scored) < 2 or len({len(s) for s in scored}) == 1:
+    scored = {name: s for name, s in scores.items() if s}
+    if len(scored) < 2 or len({len(s) for s in scored.values()}) == 1:
         return None
-    common = set.intersection(*(set(s) for s in scored))
-    for name, s in scores.items():
-        if s:
-            top1 = sum(s[i] for i in common) / len(common)
-            target = result["classical"] if name == "classical" else result["runs"][name]["best"]
-            target["test_common"] = {"top1": top1, "n": len(common)}
+    common = set.intersection(*(set(s) for s in scored.values()))
+    for name, s in scored.items():
+        rows[name]["test_common"] = {
+            "top1": sum(s[i] for i in common) / len(common),
+            "n": len(common),
+        }
     return len(common)
 
 
-def _test_top1(store: Store, version_id: str, dupes: set[str]) -> dict:
-    trajs = [t for t in store.trajectories(version_id, "test")]
-    if not trajs:
-        return {}
-
-    def top1(ts):
-        return {"top1": sum(t.score.value if t.score else 0.0 for t in ts) / len(ts), "n": len(ts)}
-
-    return {
-        "test": top1(trajs),
-        "test_without_duplicates": top1([t for t in trajs if t.instance_id not in dupes]),
-    }
-
-
-def from_run(root: Path, dupes: set[str]) -> dict:
+def from_run(root: Path, dupes: set[str]) -> tuple[dict, dict]:
+    """The run's row, and its best version's test score per instance id (empty: not scored)."""
     store = Store.open(root)
     val = {e.version_id: e for e in store.evaluations("val")}
     best = best_version(store)
+    scores = {
+        t.instance_id: t.score.value if t.score else 0.0
+        for t in store.trajectories(best.version_id, "test")
+    }
     minutes: dict[str, float] = {}
     decisions = {d.generation: d for d in store.decisions()}
     for v in store.versions():
@@ -148,7 +141,7 @@ def from_run(root: Path, dupes: set[str]) -> dict:
             "adapter": best.adapter,
             "val": val[best.version_id].value,
             "n_val": val[best.version_id].n,
-            **_test_top1(store, best.version_id, dupes),
+            **_test_top1(scores, dupes),
         },
         "versions": [
             {
@@ -174,7 +167,7 @@ def from_run(root: Path, dupes: set[str]) -> dict:
             }
             for d in store.decisions()
         ],
-    }
+    }, scores
 
 
 def launch(name: str, data: Path, sets: list[str]) -> str:
@@ -247,14 +240,16 @@ def main() -> None:
     for name in names:
         runs[name] = launch(name, args.data, args.set)
     reference, reference_scores = classical(task, dupes, cfg)
-    present = {name: Path(root) for name, root in runs.items() if Path(root).is_dir()}
+    read = {name: from_run(Path(root), dupes) for name, root in runs.items() if Path(root).is_dir()}
     result = {
         "duplicates_in_test": len(dupes),
         "classical": reference,
-        "runs": {name: from_run(root, dupes) for name, root in present.items()},
+        "runs": {name: row for name, (row, _) in read.items()},
     }
-    scores = {"classical": reference_scores, **{n: test_scores(r) for n, r in present.items()}}
-    result["test_common_n"] = on_common_cases(result, scores)
+    result["test_common_n"] = on_common_cases(
+        {"classical": reference, **{name: row["best"] for name, (row, _) in read.items()}},
+        {"classical": reference_scores, **{name: sc for name, (_, sc) in read.items()}},
+    )
     print_table(result)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, ensure_ascii=False, indent=2))
