@@ -25,10 +25,11 @@ on evidence, not on a schedule, in three steps; every step cites its numbers in 
 
 Guaranteed: no reward variance within sampled groups never yields GRPO; a Decision's
 `evidence` holds the full `Evidence` dump plus `rule`, `chosen_by`, `focus` and the minute
-estimates. `settings` holds, for the harness, `{"focus": ...}` (the Meta-Agent's operator
+estimates (a stop decided before the rollout holds only `rule`, `chosen_by` and the
+estimates). `settings` holds, for the harness, `{"focus": ...}` (the Meta-Agent's operator
 family, plus `hint` and `prior_gap` for an unused prior); for weights only trainer settings
-(the configured `sft_settings` / `grpo_settings`,
-plus `group_size` for GRPO), so the trainer can validate them as they are.
+(the configured `sft_settings` / `grpo_settings`, plus `group_size` for GRPO), so the trainer
+can validate them as they are.
 Not guaranteed: the thresholds are defaults, not tuned optima; minute estimates before a lever
 has history are the settings' guesses.
 """
