@@ -39,7 +39,7 @@ from sialoop.tasks import load_task
 from sialoop.tasks.lawbench import LawBenchTask
 
 RESULTS = Path(__file__).parent / "results" / "lawbench.json"
-ZERO_SHOT = files("sialoop.harness.templates") / "lawbench_zeroshot.py"
+ZERO_SHOT = files("sialoop.tasks.lawbench") / "templates" / "zeroshot.py"
 LAUNCH = {
     "zero-shot": ["--set", "loop.generations=0", "--set", f"harness='{ZERO_SHOT}'"],
     "generation0": ["--set", "loop.generations=0"],

@@ -6,10 +6,10 @@ import pytest
 
 from sialoop.agents.meta import OfflineMetaAgent
 from sialoop.harness.operators import Operator, OperatorError, apply_operator, read_constants
-from sialoop.harness.templates import template_source
+from sialoop.tasks.templates import template_source
 from sialoop.records import Decision, Lever
 
-SOURCE = template_source("lawbench_fewshot.py")
+SOURCE = template_source("sialoop.tasks.lawbench", "fewshot.py")
 
 
 def test_apply_rewrites_only_the_named_constants():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sialoop.harness.program import validate_harness
-from sialoop.harness.templates import template_source
+from sialoop.tasks.templates import template_source
 
 GOLDEN = Path(__file__).parent / "golden"
 TRAIN = [
@@ -33,9 +33,20 @@ def public_cwd(tmp_path: Path):
     os.chdir(old)
 
 
+_PACKAGE = {
+    "lawbench_fewshot.py": ("sialoop.tasks.lawbench", "fewshot.py"),
+    "lawbench_zeroshot.py": ("sialoop.tasks.lawbench", "zeroshot.py"),
+    "option_scoring.py": ("sialoop.tasks.toy", "option_scoring.py"),
+}
+
+
+def _source(name: str) -> str:
+    return template_source(*_PACKAGE[name])
+
+
 def _load(name: str, where: Path) -> dict:
     path = where / name
-    path.write_text(template_source(name))
+    path.write_text(_source(name))
     return runpy.run_path(str(path))
 
 
@@ -56,7 +67,7 @@ def test_lawbench_prompt_matches_golden(public_cwd: Path, selection: str):
 def test_templates_validate(public_cwd: Path):
     for name in ("lawbench_fewshot.py", "lawbench_zeroshot.py", "option_scoring.py"):
         path = public_cwd / name
-        path.write_text(template_source(name))
+        path.write_text(_source(name))
         validate_harness(path, public_dir=public_cwd / "public")
 
 

@@ -31,10 +31,13 @@ class PolicyConfig(_Section):
 class SplitConfig(_Section):
     val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     val_size: int = Field(default=150, ge=0)  # val items scored per version; 0 = all of val
+    # val items the search never sees, scored once for the best version at the end (0: none)
+    holdout_size: int = Field(default=100, ge=0)
     test_size: int = Field(default=0, ge=0)  # 0 = the whole test split
 
 
 class SandboxConfig(_Section):
+    runtime: str = "subprocess"  # the harness runtime (harness/runtimes.py)
     workers: int = Field(default=2, ge=1, le=64)
     timeout_s: float = Field(default=60.0, gt=0)
     memory_mb: int = Field(default=4096, ge=256)
@@ -51,11 +54,24 @@ class LoopConfig(_Section):
         default=("harness", "weights"), min_length=1
     )  # the levers the Feedback-Agent may pull (one of them for a harness- or weights-only run)
     lever_patience: int = Field(default=2, ge=1)  # rejections in a row before a lever yields
+    samples: int = Field(default=1, ge=1, le=64)  # k rollouts per train instance (a group)
 
 
 class GateConfig(_Section):
     alpha: float = Field(default=0.1, gt=0, lt=1)  # one-sided p-value to accept
-    margin: float = Field(default=0.0, ge=0)  # val gain the candidate must exceed
+    # A better candidate's gain must exceed this, in the metric's units and direction.
+    min_gain: float = Field(default=0.0, ge=0)
+    # A cheaper candidate may be worse by at most this share of the incumbent's |score|.
+    noninferiority_margin: float = Field(default=0.01, ge=0, lt=1)
+    # ... and must cost at most (1 - cheaper) of the incumbent's seconds per item.
+    cheaper: float = Field(default=0.2, gt=0, lt=1)
+    # How scores pair: "task" (the task's declared noise model), "items" or "units".
+    noise: Literal["task", "items", "units"] = "task"
+
+
+class AgentsConfig(_Section):
+    feedback: str = "offline"  # the Feedback-Agent (agents/registry.py)
+    meta: str = "offline"  # the Meta-Agent
 
 
 class TrainConfig(_Section):
@@ -70,7 +86,9 @@ class TrainConfig(_Section):
 
 
 class RunConfig(_Section):
-    task: str = "lawbench"
+    # a built-in or entry-point name, path/to/file.py:Class or package.module:Class
+    task: str | None = None
+    task_dir: Path | None = None  # a task folder in SIA's layout (instead of `task`)
     data: Path = Field(default_factory=default_data_root)
     runs_dir: Path = Path("runs")
     seed: int = 0
@@ -82,6 +100,7 @@ class RunConfig(_Section):
     loop: LoopConfig = LoopConfig()
     gate: GateConfig = GateConfig()
     train: TrainConfig = TrainConfig()
+    agents: AgentsConfig = AgentsConfig()
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -145,6 +164,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         config = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+    if config.task is None and config.task_dir is None:
+        raise ConfigError("no task: pass --task NAME (see `sialoop tasks`) or --task-dir DIR")
+    if config.task_dir is not None and not config.task_dir.is_dir():
+        raise ConfigError(f"--task-dir {config.task_dir} is not a folder: pass a task folder")
     if config.harness is not None and not config.harness.exists():
         raise ConfigError(f"config key 'harness': {config.harness} does not exist; fix the path")
     if config.policy.model != "embedded" and not Path(config.policy.model).is_dir():

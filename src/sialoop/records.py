@@ -82,6 +82,7 @@ class Trajectory(Record):
     error: RolloutError | None = None
     logs: str = ""
     seconds: float
+    tokens: int | None = None  # prompt + completion tokens of the episode's LLM calls
     created_at: float = Field(default_factory=time.time)
 
 
@@ -106,12 +107,15 @@ class Evaluation(Record):
     evaluation_id: str = Field(default_factory=lambda: new_id("eval"))
     run_id: str
     version_id: str
-    split: str
+    split: str  # train | val | test, or "holdout": val items the search never used
     metric: str
-    value: float | None
+    direction: str = "higher"  # the metric's: "higher" or "lower" is better
+    value: float | None  # None when the split's value was never computed
     n: int
     n_errors: int
     seconds: float
+    seconds_per_item: float | None = None  # mean harness seconds per trajectory
+    tokens_per_item: float | None = None  # mean LLM tokens per trajectory (None: unknown)
     forced: bool = False  # a forced re-score of test (see `sialoop eval --force`)
     detail: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
@@ -142,5 +146,6 @@ class RunInfo(Record):
     run_id: str
     task: str
     config: dict[str, Any]
-    status: str = "running"  # running | finished | failed
+    status: str = "running"  # running | finished | failed | interrupted
+    reason: str | None = None  # why a failed or interrupted run stopped
     created_at: float = Field(default_factory=time.time)

@@ -1,26 +1,29 @@
-"""Built-in tasks, looked up by name."""
+"""Tasks: the interface (`Task`, `Metric`, `Instance`) and where tasks come from (`load_task`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sialoop.errors import ConfigError
-from sialoop.tasks.base import Instance, Task
-
-TASK_NAMES = ("lawbench", "toy")
+from sialoop.tasks.base import ACCURACY, Instance, Metric, Split, Task
+from sialoop.tasks.registry import build_task, resolve_task_class, task_names
 
 
-def load_task(name: str, data: Path, *, seed: int = 0, val_fraction: float = 0.1) -> Task:
-    """The task called `name`, reading its data under `data` (a one-line error if absent)."""
-    if name == "lawbench":
-        from sialoop.tasks.lawbench import LawBenchTask
+def load_task(
+    name: str,
+    data: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    task_dir: Path | None = None,
+) -> Task:
+    """The task `name` names (a built-in or entry-point name, `file.py:Class`, `module:Class`),
+    or the SIA-layout folder `task_dir`; reads its data under `data` (a one-line error if absent)."""
+    if task_dir is not None:
+        from sialoop.tasks.folder import FolderTask
 
-        return LawBenchTask(data, seed=seed, val_fraction=val_fraction)
-    if name == "toy":
-        from sialoop.tasks.toy import ToyTask
-
-        return ToyTask(seed=seed)
-    raise ConfigError(f"unknown task '{name}': use one of {', '.join(TASK_NAMES)}")
+        return FolderTask(task_dir, seed=seed, val_fraction=val_fraction)
+    cls = resolve_task_class(name)
+    return build_task(cls, data=Path(data), seed=seed, val_fraction=val_fraction)
 
 
-__all__ = ["TASK_NAMES", "Instance", "Task", "load_task"]
+__all__ = ["ACCURACY", "Instance", "Metric", "Split", "Task", "load_task", "task_names"]

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sialoop.errors import DataError
-from sialoop.harness.templates import template_source
+from sialoop.tasks.templates import template_source
 from sialoop.records import Score
-from sialoop.tasks.base import Instance, Split, Task
+from sialoop.tasks.base import Instance, Metric, Split, Task
 
 _FILES = ("train.csv", "test.csv", "test_labels.csv", "classes.json")
 
@@ -65,7 +65,9 @@ def stratified_split(
 
 class LawBenchTask(Task):
     name = "lawbench"
-    metric = "top1"
+    metric = Metric(
+        name="top1", correct="the predicted charge is the gold charge", failure_value=0.0
+    )
 
     def __init__(self, data: Path, *, seed: int = 0, val_fraction: float = 0.1):
         self.dir = Path(data) / "lawbench-sia"
@@ -144,7 +146,7 @@ class LawBenchTask(Task):
         return Score(value=1.0 if correct else 0.0, correct=correct, detail=detail)
 
     def reference_harness(self) -> str:
-        return template_source("lawbench_fewshot.py")
+        return template_source(__package__, "fewshot.py")
 
     def private_paths(self) -> list[Path]:
         # The whole data root: its other folders (CAIL2018, LawBench 3-3) hold test texts too.

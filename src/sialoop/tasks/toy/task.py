@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sialoop.harness.templates import template_source
+from sialoop.tasks.templates import template_source
 from sialoop.records import Score
 from sialoop.tasks.base import Instance, Split, Task
 
@@ -30,7 +30,6 @@ Output: the colour as a string. Metric: accuracy. Public files: `public/train.js
 
 class ToyTask(Task):
     name = "toy"
-    metric = "accuracy"
 
     def __init__(self, seed: int = 0):
         rng = random.Random(seed)
@@ -72,4 +71,4 @@ class ToyTask(Task):
         return Score(value=float(pred == gold), correct=pred == gold, detail=detail)
 
     def reference_harness(self) -> str:
-        return template_source("option_scoring.py")
+        return template_source(__package__, "option_scoring.py")
