@@ -8,6 +8,7 @@ from scipy.stats import binomtest
 
 from sialoop.gate import GateSettings, gate
 from sialoop.records import ErrorKind, RolloutError, Score, Trajectory
+from sialoop.tasks.base import Metric
 
 
 def rollout(iid: str, value: float | None, version: str = "v") -> Trajectory:
@@ -77,11 +78,68 @@ def test_pairing_ignores_items_only_one_side_has():
     assert r.p_value == pytest.approx(0.5**5)
 
 
-def test_an_unscored_rollout_counts_as_zero():
+def test_an_unscored_rollout_is_a_loss_never_dropped():
     inc = version(binary(20, 20))
     cand = version([None] * 10 + [1.0] * 10)
     r = gate(inc, cand)
-    assert r.n_paired == 20 and r.candidate_score == 0.5 and not r.accepted
+    assert r.n_paired == 20 and r.losses == 10 and r.candidate_none == 10 and not r.accepted
+    assert r.delta == pytest.approx(-0.5)  # a None loses by the full range, 1 for 0/1 scores
+    # and a wrong answer beats an unscored one
+    r = gate(version([None] * 20), version(binary(0, 20)))
+    assert r.wins == 20 and r.accepted
+
+
+LOWER = Metric(name="seconds", direction="lower")
+
+
+def test_lower_is_better_accepts_a_faster_candidate_and_rejects_a_slower_one():
+    rng = np.random.default_rng(2)
+    slow = rng.uniform(2.0, 3.0, size=40)
+    fast = slow * 0.8
+    r = gate(version(slow.tolist()), version(fast.tolist()), metric=LOWER)
+    assert r.accepted and r.verdict == "better" and r.delta > 0 and r.direction == "lower"
+    r = gate(version(fast.tolist()), version(slow.tolist()), metric=LOWER)
+    assert not r.accepted and r.delta < 0
+    # higher-is-better would have read the same numbers the other way round
+    assert gate(version(fast.tolist()), version(slow.tolist())).accepted
+
+
+def test_zero_is_not_a_free_win_for_a_lower_is_better_metric():
+    inc = version([1.0] * 30)
+    cand = version([None] * 30)  # never computed: not 0 seconds
+    r = gate(inc, cand, metric=LOWER)
+    assert not r.accepted and r.losses == 30 and r.candidate_score is None
+
+
+def test_units_pair_repeated_measurements_of_few_items():
+    def timed(iid: str, times: list[float]) -> Trajectory:
+        units = {f"rep{k}": t for k, t in enumerate(times)}
+        score = Score(value=float(np.mean(times)), detail={"units": units})
+        return Trajectory(
+            run_id="r", version_id="v", split="val", instance_id=iid, output="x", score=score,
+            seconds=1.0,
+        )  # fmt: skip
+
+    rng = np.random.default_rng(3)
+    base = [rng.normal(10.0, 0.5, size=10) for _ in range(2)]
+    inc = [timed(f"s{i}", b.tolist()) for i, b in enumerate(base)]
+    cand = [timed(f"s{i}", (b - 0.6).tolist()) for i, b in enumerate(base)]
+    items = gate(inc, cand, GateSettings(noise="items"), metric=LOWER)
+    units = gate(inc, cand, GateSettings(noise="units"), metric=LOWER)
+    assert items.n_paired == 2 and not items.accepted  # two items cannot show it
+    assert units.n_paired == 20 and units.accepted
+
+
+def test_a_cheaper_candidate_that_is_not_worse_is_accepted():
+    inc = version(binary(60))
+    cand = [t.model_copy(update={"seconds": 0.5}) for t in version(binary(60))]
+    r = gate(inc, cand)
+    assert r.accepted and r.verdict == "cheaper" and r.p_noninferior is not None
+    assert r.candidate_seconds == 0.5 and r.incumbent_seconds == 1.0
+    worse = [t.model_copy(update={"seconds": 0.5}) for t in version(binary(40))]
+    assert not gate(inc, worse).accepted
+    barely = [t.model_copy(update={"seconds": 0.9}) for t in version(binary(60))]
+    assert not gate(inc, barely).accepted  # 10% cheaper is not "clearly" (default 20%)
 
 
 def test_nothing_paired_is_rejected_with_a_reason():
@@ -93,7 +151,7 @@ def test_nothing_paired_is_rejected_with_a_reason():
 def test_the_margin_must_be_exceeded():
     inc, cand = binary(50), binary(60)
     assert gate(version(inc), version(cand)).accepted
-    r = gate(version(inc), version(cand), GateSettings(margin=0.1))
+    r = gate(version(inc), version(cand), GateSettings(min_gain=0.1))
     assert not r.accepted and r.delta == pytest.approx(0.1)
 
 

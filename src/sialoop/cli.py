@@ -35,7 +35,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: key=value (dotted)")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="data root (holds lawbench-sia/)")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="data root the task reads")]
 
 
 def _config(config: Path | None, sets: list[str] | None, **flags: Any) -> RunConfig:
@@ -48,7 +48,13 @@ def _config(config: Path | None, sets: list[str] | None, **flags: Any) -> RunCon
 @one_line_errors
 def run(
     config: ConfigOpt = None,
-    task: Annotated[str | None, typer.Option(help="task name (see `sialoop tasks`)")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="a task name (see `sialoop tasks`), file.py:Class or module:Class"),
+    ] = None,
+    task_dir: Annotated[
+        Path | None, typer.Option("--task-dir", help="a task folder in SIA's layout")
+    ] = None,
     data: DataOpt = None,
     runs_dir: Annotated[Path | None, typer.Option(help="where run directories go")] = None,
     val_size: Annotated[int | None, typer.Option(help="val items per version (0: all)")] = None,
@@ -67,6 +73,7 @@ def run(
         config,
         set_,
         task=task,
+        task_dir=task_dir,
         data=data,
         runs_dir=runs_dir,
         **{"split.val_size": val_size, "eval_test": False if no_test else None},
@@ -114,7 +121,13 @@ def eval_(
         cfg = cfg.model_copy(update={"data": data})
     if split not in ("val", "test"):
         raise ConfigError(f"--split {split}: use val or test")
-    task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
+    task = load_task(
+        cfg.task or "",
+        cfg.data,
+        seed=cfg.seed,
+        val_fraction=cfg.split.val_fraction,
+        task_dir=cfg.task_dir,
+    )
     with ExitStack() as stack:
         url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
         if split == "test":
@@ -124,8 +137,10 @@ def eval_(
             instances = val_subset(task, cfg)
             with phase_bar(console, "val", len(instances)) as advance:
                 ev = evaluate(ctx, instances, advance, forced=force)
+    shown = "n/a" if ev.value is None else f"{ev.value:.4f}"
     console.print(
-        f"{ev.version_id} {ev.split} {ev.metric} = {ev.value:.4f} (n={ev.n}, errors={ev.n_errors})"
+        f"{ev.version_id} {ev.split} {ev.metric} = {shown} ({ev.direction} is better; "
+        f"n={ev.n}, errors={ev.n_errors})"
     )
 
 
@@ -155,18 +170,18 @@ def doctor(data: DataOpt = None, runs_dir: Path = Path("runs")) -> None:
     checks = run_checks(data or default_data_root(), runs_dir)
     for c in checks:
         mark = "[green]ok[/]  " if c.ok else "[red]FIX[/] "
-        console.print(f"{mark} {c.name:6} {c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+        console.print(f"{mark} {c.name:14} {c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 
 
 @app.command()
 def tasks() -> None:
-    """List the built-in tasks."""
-    from sialoop.tasks import TASK_NAMES
+    """List the tasks known by name (built-in ones and installed entry points)."""
+    from sialoop.tasks import task_names
 
-    for name in TASK_NAMES:
-        console.print(name)
+    for name, target in task_names().items():
+        console.print(f"{name:12} {target}", highlight=False)
 
 
 if __name__ == "__main__":

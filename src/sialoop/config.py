@@ -13,7 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sialoop.errors import ConfigError
-from sialoop.paths import default_data_root
 
 
 class _Section(BaseModel):
@@ -21,6 +20,7 @@ class _Section(BaseModel):
 
 
 class PolicyConfig(_Section):
+    backend: str = "hf"  # the policy backend (policy/launch.py BACKENDS): transformers + peft
     model: str = "embedded"  # "embedded" (Gemma 3 270M base) or a local HF model directory
     # "auto": bfloat16 where the hardware computes it natively, else float32 (policy/dtype.py)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -89,7 +89,7 @@ class RunConfig(_Section):
     # a built-in or entry-point name, path/to/file.py:Class or package.module:Class
     task: str | None = None
     task_dir: Path | None = None  # a task folder in SIA's layout (instead of `task`)
-    data: Path = Field(default_factory=default_data_root)
+    data: Path | None = None  # the data root; None: each task's own search (e.g. ../shared/data)
     runs_dir: Path = Path("runs")
     seed: int = 0
     eval_test: bool = True  # score the best version on test at the end of `run`

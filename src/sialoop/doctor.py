@@ -48,16 +48,25 @@ def _model() -> Check:
     return Check(name="model", ok=True, detail="not cached yet: built on the first run (~40 s)")
 
 
-def _data(data: Path) -> Check:
-    needed = data / "lawbench-sia" / "train.csv"
-    if needed.exists():
-        return Check(name="data", ok=True, detail=str(data.resolve()))
-    return Check(
-        name="data",
-        ok=False,
-        detail=f"{needed} missing",
-        fix="pass --data PATH (the folder holding lawbench-sia/)",
-    )
+def _data(data: Path) -> list[Check]:
+    """Each built-in task's data under `data`, found or not, with the fix its error names."""
+    from sialoop.errors import SialoopError
+    from sialoop.tasks import load_task
+    from sialoop.tasks.registry import BUILTIN
+
+    checks = []
+    for name in BUILTIN:
+        try:
+            task = load_task(name, data)
+            found = task.summary() or {}
+            detail = ", ".join(f"{k} {v}" for k, v in found.items() if k in SPLIT_KEYS) or "ok"
+            checks.append(Check(name=f"data:{name}", ok=True, detail=detail))
+        except SialoopError as err:
+            checks.append(Check(name=f"data:{name}", ok=False, detail=str(err), fix="see above"))
+    return checks
+
+
+SPLIT_KEYS = ("train", "val", "test")
 
 
 def _port() -> Check:
@@ -82,4 +91,4 @@ def _disk(root: Path) -> Check:
 
 
 def run_checks(data: Path, runs_dir: Path) -> list[Check]:
-    return [_torch(), _model(), _data(data), _port(), _disk(runs_dir)]
+    return [_torch(), _model(), *_data(data), _port(), _disk(runs_dir)]

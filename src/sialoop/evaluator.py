@@ -14,12 +14,18 @@ from sialoop.tasks import Task
 
 
 def best_version(store: Store) -> Version:
-    """The accepted version with the best val score (the latest on a tie)."""
-    val = {e.version_id: e.value for e in store.evaluations("val") if e.value is not None}
+    """The incumbent: the latest accepted version scored on val.
+
+    Every acceptance is a paired gate decision against the incumbent of its time, in the
+    metric's direction (better beyond noise, or no worse and clearly cheaper), so the chain of
+    accepted versions only improves by the gate's standard and its last link is the best. A
+    higher raw val mean elsewhere in the chain is noise the gate already weighed.
+    """
+    val = {e.version_id for e in store.evaluations("val")}
     accepted = [v for v in store.versions() if v.status == "accepted" and v.version_id in val]
     if not accepted:
         raise StoreError(f"run {store.root} has no accepted version scored on val yet")
-    return max(reversed(accepted), key=lambda v: val[v.version_id])
+    return max(accepted, key=lambda v: (v.generation, v.created_at))
 
 
 def evaluate_test(

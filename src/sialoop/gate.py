@@ -1,25 +1,33 @@
 """The val gate: a candidate version replaces the incumbent only if it beats it on the same val
-items by more than noise.
+items by more than noise, in the metric's direction, or matches it at a clearly lower cost.
 
-Pairing: by `instance_id`, over the items both versions were rolled out on; items only one side
-has are ignored. Within a pair a rollout that was never scored (an error) counts as 0, since
-for the incumbent-vs-candidate question a failed rollout earns nothing; samples of one instance
-are averaged.
+Pairing (`pair_units`): by instance ("items": samples of one instance averaged), or, when the
+task's noise model is "units", unit by unit from each score's `detail["units"]` (a mapping of
+unit name to value: repeated timings of a kernel, per-cell errors of a denoiser), keyed
+`instance/unit`. Only keys both versions were rolled out on are compared.
 
-Test: one-sided, H1 "the candidate scores higher".
-- Every paired score is 0 or 1: exact McNemar, i.e. a binomial test on the discordant pairs
-  (candidate right where the incumbent was wrong vs the reverse) with p = 1/2.
-- Otherwise: a paired bootstrap on the per-item differences with a fixed seed; p is the share of
-  resampled mean differences <= 0 (with the usual +1 so p is never exactly 0).
+A value that was never computed (an error, a missing unit) is None, and in a pair a None is a
+loss for its side: it loses by the full range of the values seen on both sides (1 for a 0/1
+score), never counts as 0 (the best value of a time or an error) and is never dropped. Two
+Nones tie.
 
-Defaults: alpha 0.1 and margin 0.0. Val subsets are small (about 150 items), so a 5% test
-would reject most real gains of a few points and waste the generation that made them; 10%
-one-sided bounds the false-acceptance rate per candidate at 10%. The final test score, taken
-once at the end, stays the unbiased estimate. The margin is 0 because the test already prices
-in noise; raise it to demand a practical gain on top of a significant one.
+Tests, one-sided, on the oriented differences d = sign * (candidate - incumbent):
+- better: H1 "mean d > 0". Every pair 0/1 with no None: exact McNemar (a binomial test on the
+  discordant pairs). Otherwise a paired bootstrap with a fixed seed: p is the share of resampled
+  means <= 0 (with the usual +1). Accepted when mean d > `min_gain` and p < alpha.
+- cheaper: when not better, the candidate is accepted if its seconds per item are at most
+  (1 - `cheaper`) of the incumbent's and a bootstrap says mean d > -margin (p < alpha), with
+  margin = `noninferiority_margin` times the incumbent's mean |value|.
+- Fewer than 10 pairs: the bootstrap's p is raised to the exact sign test's, since resampling
+  two or three pairs says nothing about noise (a task with few items declares "units").
+
+Defaults: alpha 0.1. Val subsets are small (about 150 items), so a 5% test would reject most
+real gains of a few points; 10% one-sided bounds the false-acceptance rate per candidate. The
+final test score, taken once at the end, stays the unbiased estimate.
 
 Not guaranteed: across many generations false acceptances add up (no multiple-testing
-correction); the bootstrap assumes items are exchangeable.
+correction); the bootstrap assumes pairs are exchangeable (units of one item are not
+independent, so the "units" model is optimistic when units share an item's noise).
 """
 
 from __future__ import annotations
@@ -33,112 +41,186 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import binomtest
 
 from sialoop.records import Record, Trajectory
+from sialoop.tasks.base import ACCURACY, Metric
 
 _CHUNK = 1_000  # bootstrap resamples drawn at a time, to bound memory on large val sets
+_FEW_PAIRS = 10  # below this many pairs the sign test bounds the bootstrap's p from below
+Noise = Literal["items", "units"]
 
 
 class GateSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     alpha: float = Field(default=0.1, gt=0, lt=1)
-    margin: float = Field(default=0.0, ge=0)
+    min_gain: float = Field(default=0.0, ge=0)
+    noninferiority_margin: float = Field(default=0.01, ge=0, lt=1)
+    cheaper: float = Field(default=0.2, gt=0, lt=1)
+    noise: Noise = "items"
     n_bootstrap: int = Field(default=10_000, ge=100)
     seed: int = 0
 
 
 class GateResult(Record):
     accepted: bool
-    incumbent_score: float | None  # mean over paired items; None when nothing was paired
+    verdict: Literal["better", "cheaper", "rejected"] = "rejected"
+    direction: str = "higher"
+    incumbent_score: float | None  # mean over paired units with a value; None: none had one
     candidate_score: float | None
-    delta: float  # candidate minus incumbent
+    delta: float  # mean oriented difference: positive means the candidate is better
     p_value: float
+    p_noninferior: float | None = None
     test: Literal["mcnemar-exact", "paired-bootstrap", "none"]
     n_paired: int
-    margin: float
+    wins: int = 0
+    losses: int = 0
+    incumbent_none: int = 0
+    candidate_none: int = 0
+    incumbent_seconds: float | None = None  # per item
+    candidate_seconds: float | None = None
+    margin: float  # min_gain
     alpha: float
     reason: str
 
 
-def _by_instance(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    values: dict[str, list[float]] = defaultdict(list)
+def _value(traj: Trajectory) -> float | None:
+    return traj.score.value if traj.score is not None and traj.error is None else None
+
+
+def pair_units(trajectories: Sequence[Trajectory], noise: Noise) -> dict[str, float | None]:
+    """Key -> value: per instance (mean over samples with a value; None if none has one), or per
+    `instance/unit` from `Score.detail["units"]` (None where the trajectory failed)."""
+    if noise == "units":
+        units: dict[str, list[float | None]] = defaultdict(list)
+        for traj in trajectories:
+            found = traj.score.detail.get("units") if traj.score is not None else None
+            if isinstance(found, dict) and traj.error is None:
+                for name, value in found.items():
+                    units[f"{traj.instance_id}/{name}"].append(
+                        float(value) if isinstance(value, int | float) else None
+                    )
+            else:
+                units[f"{traj.instance_id}/*"].append(None)
+        return {k: _mean(v) for k, v in units.items()}
+    by_item: dict[str, list[float | None]] = defaultdict(list)
     for traj in trajectories:
-        values[traj.instance_id].append(traj.score.value if traj.score is not None else 0.0)
-    return {iid: sum(v) / len(v) for iid, v in values.items()}
+        by_item[traj.instance_id].append(_value(traj))
+    return {k: _mean(v) for k, v in by_item.items()}
 
 
-def paired_scores(
-    incumbent: Sequence[Trajectory], candidate: Sequence[Trajectory]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-item scores of both versions on the instances both were rolled out on, sorted by id."""
-    inc, cand = _by_instance(incumbent), _by_instance(candidate)
-    shared = sorted(inc.keys() & cand.keys())
-    return np.array([inc[i] for i in shared]), np.array([cand[i] for i in shared])
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
-def mcnemar_exact(inc: np.ndarray, cand: np.ndarray) -> float:
-    """One-sided p that the candidate is not better, from the discordant 0/1 pairs."""
-    wins = int(np.sum((cand == 1) & (inc == 0)))
-    losses = int(np.sum((cand == 0) & (inc == 1)))
+def oriented_differences(
+    inc: list[float | None], cand: list[float | None], metric: Metric
+) -> np.ndarray:
+    """d = sign * (cand - inc) per pair; a None side loses by the range of the known values."""
+    known = [v for v in (*inc, *cand) if v is not None]
+    spread = (max(known) - min(known)) if known else 1.0
+    spread = spread or 1.0
+    out = []
+    for i, c in zip(inc, cand, strict=True):
+        if i is None and c is None:
+            out.append(0.0)
+        elif c is None:
+            out.append(-spread)
+        elif i is None:
+            out.append(spread)
+        else:
+            out.append(metric.sign * (c - i))
+    return np.array(out, dtype=float)
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """One-sided p that the candidate is not better, from the discordant pairs."""
     if wins + losses == 0:
         return 1.0
     return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
 
 
-def paired_bootstrap(inc: np.ndarray, cand: np.ndarray, n_boot: int, seed: int) -> float:
-    """One-sided p: the share of resampled mean differences that are <= 0."""
-    diffs = cand - inc
+def paired_bootstrap(diffs: np.ndarray, n_boot: int, seed: int, shift: float = 0.0) -> float:
+    """One-sided p: the share of resampled mean differences that are <= `-shift`."""
     rng = np.random.default_rng(seed)
     not_better = 0
     for start in range(0, n_boot, _CHUNK):
         rows = min(_CHUNK, n_boot - start)
         idx = rng.integers(0, len(diffs), size=(rows, len(diffs)))
-        not_better += int(np.sum(diffs[idx].mean(axis=1) <= 0))
+        not_better += int(np.sum(diffs[idx].mean(axis=1) <= -shift))
     return (not_better + 1) / (n_boot + 1)
+
+
+def _seconds(trajectories: Sequence[Trajectory], keys: set[str]) -> float | None:
+    picked = [t.seconds for t in trajectories if t.instance_id in keys]
+    return sum(picked) / len(picked) if picked else None
+
+
+def _mean_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def gate(
     incumbent: Sequence[Trajectory],
     candidate: Sequence[Trajectory],
     settings: GateSettings | None = None,
+    metric: Metric = ACCURACY,
 ) -> GateResult:
-    """Accept the candidate only if delta > margin and p < alpha on the paired val items."""
+    """Accept the candidate when it is better beyond noise, or no worse and clearly cheaper."""
     s = settings or GateSettings()
-    inc, cand = paired_scores(incumbent, candidate)
-    if len(inc) == 0:
+    inc_units, cand_units = pair_units(incumbent, s.noise), pair_units(candidate, s.noise)
+    shared = sorted(inc_units.keys() & cand_units.keys())
+    common = {"direction": metric.direction, "margin": s.min_gain, "alpha": s.alpha}
+    if not shared:
         return GateResult(
-            accepted=False,
-            incumbent_score=None,
-            candidate_score=None,
-            delta=0.0,
-            p_value=1.0,
-            test="none",
-            n_paired=0,
-            margin=s.margin,
-            alpha=s.alpha,
-            reason="rejected: no val item was scored for both versions",
-        )
-    binary = bool(np.all(np.isin(inc, (0.0, 1.0))) and np.all(np.isin(cand, (0.0, 1.0))))
+            accepted=False, incumbent_score=None, candidate_score=None, delta=0.0, p_value=1.0,
+            test="none", n_paired=0, reason="rejected: no val item was scored for both versions",
+            **common,
+        )  # fmt: skip
+    inc = [inc_units[k] for k in shared]
+    cand = [cand_units[k] for k in shared]
+    diffs = oriented_differences(inc, cand, metric)
+    wins, losses = int(np.sum(diffs > 0)), int(np.sum(diffs < 0))
+    binary = all(v in (0.0, 1.0) for v in (*inc, *cand) if v is not None)
     if binary:
-        test, p = "mcnemar-exact", mcnemar_exact(inc, cand)
+        test, p = "mcnemar-exact", mcnemar_exact(wins, losses)
     else:
-        test, p = "paired-bootstrap", paired_bootstrap(inc, cand, s.n_bootstrap, s.seed)
-    delta = float(cand.mean() - inc.mean())
-    accepted = delta > s.margin and p < s.alpha
-    verdict = "accepted" if accepted else "rejected"
+        test, p = "paired-bootstrap", paired_bootstrap(diffs, s.n_bootstrap, s.seed)
+        if len(shared) < _FEW_PAIRS:  # a bootstrap of a handful of pairs is overconfident
+            p = max(p, mcnemar_exact(wins, losses))
+    delta = float(diffs.mean())
+    items = {k.split("/", 1)[0] for k in shared}
+    inc_s, cand_s = _seconds(incumbent, items), _seconds(candidate, items)
+    verdict: Literal["better", "cheaper", "rejected"] = "rejected"
+    p_ni = None
+    if delta > s.min_gain and p < s.alpha:
+        verdict = "better"
+    elif inc_s and cand_s is not None and cand_s <= (1 - s.cheaper) * inc_s:
+        scale = abs(_mean_known(inc) or 0.0) or 1.0
+        p_ni = paired_bootstrap(diffs, s.n_bootstrap, s.seed, shift=s.noninferiority_margin * scale)
+        if p_ni < s.alpha:
+            verdict = "cheaper"
+    inc_mean, cand_mean = _mean_known(inc), _mean_known(cand)
     reason = (
-        f"{verdict}: candidate {cand.mean():.4f} vs incumbent {inc.mean():.4f} on {len(inc)} "
-        f"paired val items, delta {delta:+.4f} (needs > {s.margin:g}), {test} one-sided "
-        f"p = {p:.4f} (needs < {s.alpha:g})"
+        f"{'accepted' if verdict != 'rejected' else 'rejected'} ({verdict}): candidate "
+        f"{_fmt(cand_mean)} vs incumbent {_fmt(inc_mean)} ({metric.name}, {metric.direction} is "
+        f"better) on {len(shared)} paired {s.noise}, {wins} wins / {losses} losses, oriented "
+        f"delta {delta:+.4f} (needs > {s.min_gain:g}), {test} one-sided p = {p:.4f} (needs < "
+        f"{s.alpha:g})"
     )
+    if p_ni is not None:
+        reason += (
+            f"; {_fmt(cand_s)} vs {_fmt(inc_s)} s/item, non-inferiority p = {p_ni:.4f} (margin "
+            f"{s.noninferiority_margin:.0%} of the incumbent's score)"
+        )
     return GateResult(
-        accepted=accepted,
-        incumbent_score=float(inc.mean()),
-        candidate_score=float(cand.mean()),
-        delta=delta,
-        p_value=p,
-        test=test,
-        n_paired=len(inc),
-        margin=s.margin,
-        alpha=s.alpha,
-        reason=reason,
-    )
+        accepted=verdict != "rejected", verdict=verdict, incumbent_score=inc_mean,
+        candidate_score=cand_mean, delta=delta, p_value=p, p_noninferior=p_ni, test=test,
+        n_paired=len(shared), wins=wins, losses=losses, incumbent_none=inc.count(None),
+        candidate_none=cand.count(None), incumbent_seconds=inc_s, candidate_seconds=cand_s,
+        reason=reason, **common,
+    )  # fmt: skip
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

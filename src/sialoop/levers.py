@@ -1,24 +1,32 @@
 """The two levers as strategy objects: each turns a Decision into a candidate Version.
 
-`HarnessLever` asks the Meta-Agent for an operator edit of the incumbent's harness, validates
-it (imports, signature, a smoke run on 3 train items) and archives a broken one with its error.
-`WeightsLever` rolls the incumbent out on train items, builds the method's dataset from the
-stored trajectories and train labels, trains a LoRA adapter (resumable) and serves it.
+`HarnessLever` asks the Meta-Agent for a new setting of the knobs the incumbent's harness
+declares, validates the result (imports, signature, a smoke run on 3 train items) and archives
+a broken one with its error. `WeightsLever` rolls the incumbent out on train items (k samples
+each), builds the method's dataset from the stored trajectories and train labels, trains a LoRA
+adapter (resumable; continuing the parent's adapter when it has one) and serves it.
+
+Failures are data: `make_candidate` turns any error raised while making a candidate (a
+proposal that does not fit, a trainer with nothing to learn, an endpoint that refuses the
+adapter) into a broken Version carrying the error, so the run goes on.
 """
 
 from __future__ import annotations
 
 import difflib
 import random
-from dataclasses import dataclass
-from typing import Protocol
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import httpx
 from rich.console import Console
 
-from sialoop.agents.meta import OfflineMetaAgent
+from sialoop.agents.base import MetaAgent, TriedSetting
+from sialoop.agents.registry import meta_agent
 from sialoop.config import RunConfig
 from sialoop.errors import PolicyError
+from sialoop.harness.knobs import KnobError, read_declarations
 from sialoop.harness.program import HarnessInvalid, validate_harness
 from sialoop.policy.dtype import resolve_dtype
 from sialoop.policy.launch import resolve_model_dir
@@ -40,6 +48,11 @@ class LoopContext:
     cfg: RunConfig
     policy_url: str
     console: Console
+    levers: dict[str, Lever] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.levers:
+            self.levers = {"harness": HarnessLever(meta_agent(self.cfg)), "weights": WeightsLever()}
 
     def rollout_ctx(self, version: Version) -> RolloutContext:
         return RolloutContext(self.store, self.task, version, self.policy_url, self.cfg.sandbox)
@@ -58,6 +71,45 @@ class Lever(Protocol):
         ...
 
 
+def _base(parent: Version, decision: Decision, version_id: str) -> Version:
+    return Version(
+        version_id=version_id,
+        run_id=parent.run_id,
+        parent_id=parent.version_id,
+        generation=decision.generation,
+        harness_path=parent.harness_path,
+        adapter=parent.adapter,
+    )
+
+
+def broken(version: Version, error: str, **detail: Any) -> Version:
+    return version.model_copy(
+        update={
+            "status": "broken",
+            "note": version.note or error.splitlines()[0][:200],
+            "detail": {**version.detail, **detail, "error": error},
+        }
+    )
+
+
+def make_candidate(
+    ctx: LoopContext, parent: Version, decision: Decision, version_id: str
+) -> Version:
+    """The lever's candidate; an error while making it becomes a broken candidate."""
+    lever = ctx.levers[decision.lever.value]
+    try:
+        return lever.make(ctx, parent, decision, version_id)
+    except Exception as err:
+        kind = type(err).__name__
+        tail = traceback.format_exc(limit=4)[-1500:]
+        return broken(
+            _base(parent, decision, version_id),
+            f"{decision.lever.value} lever failed: {kind}: {err}",
+            error_kind=kind,
+            traceback=tail,
+        )
+
+
 def register_adapter(policy_url: str, name: str, path: str) -> None:
     """Serve a new adapter on the running endpoint, without a restart."""
     base = policy_url.removesuffix("/v1")
@@ -71,32 +123,42 @@ def register_adapter(policy_url: str, name: str, path: str) -> None:
         raise PolicyError(f"the endpoint refused adapter {name}: {response.text[:200]}")
 
 
+def tried_settings(store: Store, sign: float) -> list[TriedSetting]:
+    """Every harness version of the run with its knob values and oriented val score."""
+    val = {e.version_id: e.value for e in store.evaluations("val") if not e.forced}
+    out = []
+    for v in store.versions():
+        try:
+            values = read_declarations(store.path(v.harness_path).read_text()).values
+        except (KnobError, OSError):
+            continue
+        value = val.get(v.version_id) if v.status != "broken" else None
+        out.append(
+            TriedSetting(
+                version_id=v.version_id,
+                parent_id=v.parent_id,
+                values=values,
+                oriented_score=None if value is None else sign * value,
+            )
+        )
+    return out
+
+
 class HarnessLever:
-    def __init__(self) -> None:
-        self.meta = OfflineMetaAgent()
+    def __init__(self, meta: MetaAgent) -> None:
+        self.meta = meta
 
     def make(
         self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str
     ) -> Version:
         store = ctx.store
         source = store.path(parent.harness_path).read_text()
-        tried = {
-            v.detail.get("operator", "")
-            for v in store.versions()
-            if v.parent_id == parent.version_id
-        }
-        operator = self.meta.propose(source, decision, tried)
-        base = Version(
-            version_id=version_id,
-            run_id=parent.run_id,
-            parent_id=parent.version_id,
-            generation=decision.generation,
-            harness_path=parent.harness_path,
-            adapter=parent.adapter,
-        )
-        if operator is None:
-            return base.model_copy(update={"status": "broken", "note": "no operator left to try"})
-        new = self.meta.write(source, operator)
+        history = tried_settings(store, ctx.task.metric.sign)
+        proposal = self.meta.propose(source, decision, history, parent.version_id)
+        base = _base(parent, decision, version_id)
+        if proposal is None:
+            return broken(base, "no untried knob setting left (or the harness declares no knobs)")
+        new = self.meta.write(source, proposal)
         diff = "".join(
             difflib.unified_diff(
                 source.splitlines(keepends=True),
@@ -108,8 +170,13 @@ class HarnessLever:
         version = base.model_copy(
             update={
                 "harness_path": store.write_harness(version_id, new),
-                "note": operator.why,
-                "detail": {"operator": operator.key, "why": operator.why, "diff": diff},
+                "note": proposal.why,
+                "detail": {
+                    "proposal": proposal.model_dump(mode="json"),
+                    "knobs": proposal.assignments,
+                    "why": proposal.why,
+                    "diff": diff,
+                },
             }
         )
         return self._validated(ctx, version)
@@ -120,41 +187,32 @@ class HarnessLever:
                 ctx.store.path(version.harness_path), public_dir=ctx.store.path("public")
             )
         except HarnessInvalid as err:
-            return _broken(version, str(err))
+            return broken(version, str(err))
         smoke = rollout(ctx.rollout_ctx(version), ctx.task.instances("train")[:SMOKE_ITEMS])
         failed = [t.error for t in smoke if t.error is not None]
         if failed:
-            return _broken(version, f"smoke run: {failed[0].kind}: {failed[0].message[:300]}")
+            return broken(version, f"smoke run: {failed[0].kind}: {failed[0].message[:300]}")
         return version
-
-
-def _broken(version: Version, error: str) -> Version:
-    return version.model_copy(
-        update={"status": "broken", "detail": {**version.detail, "error": error}}
-    )
 
 
 class WeightsLever:
     def make(
         self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str
     ) -> Version:
-        from sialoop.train import (
-            LoraSettings,
-            TrainSettings,
-            grpo_groups,
-            method,
-            sft_examples,
-        )
+        from sialoop.train import LoraSettings, TrainSettings, grpo_groups, method, sft_examples
 
         cfg, store = ctx.cfg, ctx.store
         items = ctx.train_sample(cfg.loop.train_items, seed=cfg.seed + 7919)
-        with phase_bar(
-            ctx.console, f"{parent.version_id} on train (for {decision.method})", len(items)
-        ) as bar:
-            rollout(ctx.rollout_ctx(parent), items, bar)
+        k = cfg.loop.samples if decision.method == "grpo" else 1
+        title = f"{parent.version_id} on train (for {decision.method})"
+        with phase_bar(ctx.console, title, len(items) * k) as bar:
+            rollout(ctx.rollout_ctx(parent), items, bar, samples=k)
         build = grpo_groups if decision.method == "grpo" else sft_examples
         examples = build(store, ctx.task, parent.version_id)
         t = cfg.train
+        init = (
+            store.path(f"adapters/{parent.adapter}/adapter") if parent.adapter != "base" else None
+        )
         settings = TrainSettings.model_validate(
             {
                 "lr": t.lr,
@@ -164,6 +222,7 @@ class WeightsLever:
                 "checkpoint_every": t.checkpoint_every,
                 "seed": cfg.seed,
                 "dtype": resolve_dtype(cfg.policy.dtype),
+                "init_adapter": str(init) if init is not None and init.is_dir() else None,
                 **decision.settings,
             }
         )
@@ -173,16 +232,10 @@ class WeightsLever:
             resolve_model_dir(cfg.policy), examples, out_dir, settings, lora, ctx.console
         )
         register_adapter(ctx.policy_url, version_id, summary.adapter_dir)
-        return Version(
-            version_id=version_id,
-            run_id=parent.run_id,
-            parent_id=parent.version_id,
-            generation=decision.generation,
-            harness_path=parent.harness_path,
-            adapter=version_id,
-            note=f"{summary.method} on {summary.examples} examples, {summary.steps} steps",
-            detail={"training": summary.model_dump(mode="json")},
+        return _base(parent, decision, version_id).model_copy(
+            update={
+                "adapter": version_id,
+                "note": f"{summary.method} on {summary.examples} examples, {summary.steps} steps",
+                "detail": {"training": summary.model_dump(mode="json")},
+            }
         )
-
-
-LEVERS: dict[str, Lever] = {"harness": HarnessLever(), "weights": WeightsLever()}

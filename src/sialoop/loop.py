@@ -1,23 +1,30 @@
 """The generation loop: roll out the incumbent, let the Feedback-Agent pick a lever, make a
 candidate, gate it on val. Every phase reads what the store already holds first, so `resume`
-continues a killed run without redoing scored trajectories or losing an accepted version."""
+continues a killed run without redoing scored trajectories or losing an accepted version.
+
+Failures are data: an agent's or a lever's error becomes a broken candidate carrying it (so a
+resume finds it stored and never replays it); only a failure of the loop's own machinery stops
+the run, which then ends with status `failed` and the reason (`interrupted` on Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import random
 import time
+import traceback
 from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
 
-from sialoop.agents.evidence import Outcome
-from sialoop.agents.feedback import Budget, History, OfflineFeedbackAgent, OfflineFeedbackSettings
+from sialoop.agents.base import Budget, FeedbackContext, History, Outcome
+from sialoop.agents.registry import feedback_agent
 from sialoop.config import RunConfig
 from sialoop.evaluator import best_version, evaluate_test
 from sialoop.gate import GateSettings, gate
+from sialoop.harness.knobs import Declarations, KnobError, read_declarations
 from sialoop.harness.program import validate_harness
-from sialoop.levers import LEVERS, LoopContext
+from sialoop.levers import LoopContext, broken, make_candidate
 from sialoop.policy.launch import serve_policy
 from sialoop.progress import phase_bar, spinner
 from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
@@ -26,13 +33,20 @@ from sialoop.store import Store
 from sialoop.tasks import Instance, Task, load_task
 
 
-def val_subset(task: Task, cfg: RunConfig) -> list[Instance]:
-    """The val items every version is scored on: a seeded sample of `split.val_size`."""
+def _val_split(task: Task, cfg: RunConfig) -> tuple[list[Instance], list[Instance]]:
+    """The val items every version is scored on (a seeded sample of `split.val_size`) and the
+    holdout: up to `split.holdout_size` other val items the search never sees."""
     val = task.instances("val")
-    if cfg.split.val_size == 0 or cfg.split.val_size >= len(val):
-        return val
-    picked = random.Random(cfg.seed).sample(range(len(val)), cfg.split.val_size)
-    return [val[i] for i in sorted(picked)]
+    order = list(range(len(val)))
+    random.Random(cfg.seed).shuffle(order)
+    n = len(val) if cfg.split.val_size == 0 else min(cfg.split.val_size, len(val))
+    used = sorted(order[:n]) if n < len(val) else list(range(len(val)))
+    held = sorted(order[n : n + cfg.split.holdout_size]) if n < len(val) else []
+    return [val[i] for i in used], [val[i] for i in held]
+
+
+def val_subset(task: Task, cfg: RunConfig) -> list[Instance]:
+    return _val_split(task, cfg)[0]
 
 
 def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
@@ -71,16 +85,17 @@ def _val(ctx: LoopContext, version: Version) -> list[Trajectory]:
     return [t for t in ctx.store.trajectories(version.version_id, "val") if t.instance_id in ids]
 
 
-def history(store: Store) -> History:
+def history(store: Store, task: Task) -> History:
     versions = {v.version_id: v for v in store.versions()}
-    val = {e.version_id: e.value or 0.0 for e in store.evaluations("val")}
+    val = {e.version_id: e.value for e in store.evaluations("val") if not e.forced}
     outcomes = []
     for d in store.decisions():
         v = versions.get(f"v{d.generation}")
         if d.generation == 0 or v is None or v.status == "candidate":
             continue
-        scored = v.version_id in val and v.status != "broken"
-        gain = val[v.version_id] - val.get(v.parent_id or "", 0.0) if scored else 0.0
+        gain = None
+        if v.status != "broken" and v.version_id in val:
+            gain = task.metric.gain(val[v.version_id], val.get(v.parent_id or ""))
         outcomes.append(
             Outcome(
                 decision=d,
@@ -92,32 +107,69 @@ def history(store: Store) -> History:
     return History(outcomes=tuple(outcomes))
 
 
+def _declarations(store: Store, version: Version) -> Declarations:
+    try:
+        return read_declarations(store.path(version.harness_path).read_text())
+    except KnobError:
+        return Declarations()
+
+
 def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Decision:
     stored = [d for d in ctx.store.decisions() if d.generation == g]
     if stored:
         return stored[-1]
-    levers = ctx.cfg.loop.levers
-    agent = OfflineFeedbackAgent(
-        OfflineFeedbackSettings(
-            harness_enabled="harness" in levers,
-            weights_enabled="weights" in levers,
-            lever_patience=ctx.cfg.loop.lever_patience,
-        )
+    cfg, run_id = ctx.cfg, incumbent.run_id
+    context = FeedbackContext(
+        metric=ctx.task.metric,
+        declarations=_declarations(ctx.store, incumbent),
+        levers=tuple(cfg.loop.levers),
+        samples=cfg.loop.samples,
     )
-    past = history(ctx.store)
-    decision = agent.decide_before_rollout(past, budget, run_id=incumbent.run_id, generation=g)
-    if decision is None:
-        batch = ctx.train_sample(ctx.cfg.loop.train_batch, seed=ctx.cfg.seed + g)
-        title = f"gen {g}: {incumbent.version_id} on train"
-        with phase_bar(ctx.console, title, len(batch)) as bar:
-            trajectories = rollout(ctx.rollout_ctx(incumbent), batch, bar)
-        decision = agent.decide(trajectories, past, budget, run_id=incumbent.run_id, generation=g)
+    past = history(ctx.store, ctx.task)
+    try:
+        agent = feedback_agent(cfg)
+        decision = agent.decide_before_rollout(past, budget, context, run_id=run_id, generation=g)
+        if decision is None:
+            batch = ctx.train_sample(cfg.loop.train_batch, seed=cfg.seed + g)
+            title = f"gen {g}: {incumbent.version_id} on train"
+            with phase_bar(ctx.console, title, len(batch) * cfg.loop.samples) as bar:
+                trajectories = rollout(
+                    ctx.rollout_ctx(incumbent), batch, bar, samples=cfg.loop.samples
+                )
+            decision = agent.decide(
+                trajectories, past, budget, context, run_id=run_id, generation=g
+            )
+    except Exception as err:  # the agent's failure is this generation's broken candidate
+        decision = Decision(
+            run_id=run_id,
+            generation=g,
+            lever=Lever.harness,
+            rationale=f"The Feedback-Agent failed ({type(err).__name__}: {err}); no candidate.",
+            evidence={"rule": "agent_error", "error": traceback.format_exc(limit=4)[-1500:]},
+        )
+        candidate = Version(
+            version_id=f"v{g}", run_id=run_id, parent_id=incumbent.version_id, generation=g,
+            harness_path=incumbent.harness_path, adapter=incumbent.adapter,
+        )  # fmt: skip
+        ctx.store.put_version(broken(candidate, decision.rationale))
     ctx.store.add_decision(decision)
     ctx.console.print(
         f"[bold]gen {g} decision:[/] {decision.lever.value}"
         f"{' (' + decision.method + ')' if decision.method else ''} — {decision.rationale}"
     )
     return decision
+
+
+def _gate_settings(ctx: LoopContext) -> GateSettings:
+    g = ctx.cfg.gate
+    return GateSettings(
+        alpha=g.alpha,
+        min_gain=g.min_gain,
+        noninferiority_margin=g.noninferiority_margin,
+        cheaper=g.cheaper,
+        noise=ctx.task.noise if g.noise == "task" else g.noise,
+        seed=ctx.cfg.seed,
+    )
 
 
 def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
@@ -129,17 +181,11 @@ def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
         return False
     vid = f"v{g}"
     existing = [v for v in store.versions() if v.version_id == vid]
-    candidate = (
-        existing[0]
-        if existing
-        else LEVERS[decision.lever.value].make(ctx, incumbent, decision, vid)
-    )
+    candidate = existing[0] if existing else make_candidate(ctx, incumbent, decision, vid)
     if candidate.status == "candidate":
         store.put_version(candidate)
         result = gate(
-            _val(ctx, incumbent),
-            _val(ctx, candidate),
-            GateSettings(alpha=ctx.cfg.gate.alpha, margin=ctx.cfg.gate.margin),
+            _val(ctx, incumbent), _val(ctx, candidate), _gate_settings(ctx), ctx.task.metric
         )
         status = "accepted" if result.accepted else "rejected"
         ctx.console.print(f"  {vid} {status}: {result.reason}")
@@ -149,6 +195,8 @@ def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
                 "detail": {**candidate.detail, "gate": result.model_dump(mode="json")},
             }
         )
+    elif candidate.status == "broken":
+        ctx.console.print(f"  {vid} broken: {candidate.detail.get('error', '')[:300]}")
     elapsed = candidate.detail.get("minutes", 0.0) + (time.monotonic() - start) / 60
     store.put_version(
         candidate.model_copy(update={"detail": {**candidate.detail, "minutes": elapsed}})
@@ -156,9 +204,9 @@ def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
     return True
 
 
-def _loop(ctx: LoopContext) -> None:
-    cfg, store = ctx.cfg, ctx.store
-    _val(ctx, generation_zero(store, ctx.task, cfg))
+def _baseline(ctx: LoopContext) -> None:
+    store = ctx.store
+    _val(ctx, generation_zero(store, ctx.task, ctx.cfg))
     v0 = store.version("v0")
     if v0.status == "candidate":
         store.put_version(v0.model_copy(update={"status": "accepted"}))
@@ -172,6 +220,11 @@ def _loop(ctx: LoopContext) -> None:
                 evidence={"val": ev.value, "n": ev.n, "errors": ev.n_errors},
             )
         )
+
+
+def _loop(ctx: LoopContext) -> None:
+    cfg, store = ctx.cfg, ctx.store
+    _baseline(ctx)
     used = sum(v.detail.get("minutes", 0.0) for v in store.versions())
     started = time.monotonic() - used * 60
     first = max(v.generation for v in store.versions()) + 1
@@ -184,6 +237,16 @@ def _loop(ctx: LoopContext) -> None:
             break
 
 
+def _holdout(ctx: LoopContext) -> None:
+    """The best version on val items the search never used, once, so overfitting shows."""
+    held = _val_split(ctx.task, ctx.cfg)[1]
+    best = best_version(ctx.store)
+    done = {e.version_id for e in ctx.store.evaluations("holdout")}
+    if held and best.version_id not in done:
+        with phase_bar(ctx.console, f"{best.version_id} on the val holdout", len(held)) as bar:
+            evaluate(ctx.rollout_ctx(best), held, bar, split="holdout")
+
+
 def served_adapters(store: Store) -> dict[str, Path]:
     """Every trained adapter of the run, by name, to serve on the endpoint."""
     return {
@@ -194,20 +257,40 @@ def served_adapters(store: Store) -> dict[str, Path]:
 
 
 def drive(store: Store, task: Task, cfg: RunConfig, console: Console) -> Path:
-    """Serve the policy, run (or continue) the loop, then score the best version on test."""
-    with ExitStack() as stack:
-        with spinner(console, "policy endpoint serving the base model"):
-            url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
-        ctx = LoopContext(store, task, cfg, url, console)
-        _loop(ctx)
-        if cfg.eval_test and not store.evaluations("test"):
-            evaluate_test(store, task, cfg, url, console)
+    """Serve the policy, run (or continue) the loop, then score the best version on test.
+    The run's status says how it ended: finished, failed (with the reason) or interrupted."""
+    store.set_run_status("running")
+    try:
+        with ExitStack() as stack:
+            with spinner(console, "policy endpoint serving the base model"):
+                url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
+            ctx = LoopContext(store, task, cfg, url, console)
+            _loop(ctx)
+            _holdout(ctx)
+            if cfg.eval_test and not store.evaluations("test"):
+                evaluate_test(store, task, cfg, url, console)
+    except KeyboardInterrupt:
+        store.set_run_status("interrupted", f"stopped by the user; `sialoop resume {store.root}`")
+        raise
+    except BaseException as err:
+        store.set_run_status("failed", f"{type(err).__name__}: {err}"[:1000])
+        raise
     store.set_run_status("finished")
     return store.root
 
 
+def _task(cfg: RunConfig) -> Task:
+    return load_task(
+        cfg.task or "",
+        cfg.data,
+        seed=cfg.seed,
+        val_fraction=cfg.split.val_fraction,
+        task_dir=cfg.task_dir,
+    )
+
+
 def run(cfg: RunConfig, console: Console, run_id: str | None = None) -> Path:
-    task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
+    task = _task(cfg)
     with spinner(console, f"task {task.name}: {task.summary()}"):
         store = new_run(cfg, task, run_id)
     console.print(f"run directory: {store.root}")
@@ -219,6 +302,6 @@ def resume(root: Path, console: Console, data: Path | None = None) -> Path:
     cfg = RunConfig.model_validate(store.run_info().config)
     if data is not None:
         cfg = cfg.model_copy(update={"data": data})
-    task = load_task(cfg.task, cfg.data, seed=cfg.seed, val_fraction=cfg.split.val_fraction)
+    task = _task(cfg)
     console.print(f"resuming {store.root}")
     return drive(store, task, cfg, console)

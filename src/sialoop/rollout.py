@@ -1,12 +1,15 @@
 """Run a version's harness over instances in sandboxed workers, score, and store trajectories.
 
-Each instance becomes one stored Trajectory (one transaction), so a run killed mid-rollout keeps
-every trajectory scored before the kill, and `rollout` skips instances already stored.
+Each (instance, sample) becomes one stored Trajectory (one transaction), so a run killed
+mid-rollout keeps every trajectory scored before the kill, and `rollout` skips those already
+stored. With `samples` k > 1 each instance is solved k times (a group; the harness sees
+`instance["sample"]`), which is what GRPO and the group-variance evidence read.
 """
 
 from __future__ import annotations
 
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -14,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sialoop.config import SandboxConfig
-from sialoop.harness.sandbox import Sandbox, SandboxLimits
+from sialoop.harness.runtimes import harness_runtime
+from sialoop.harness.sandbox import SandboxLimits
 from sialoop.records import ErrorKind, Evaluation, RolloutError, Trajectory, Version, new_id
 from sialoop.store import DB_NAME, Store
 from sialoop.tasks.base import Instance, Task
 
 Progress = Callable[[Trajectory], None]
+Job = tuple[Instance, int]
 
 
 class RolloutContext:
@@ -60,8 +65,9 @@ def _score(task: Task, instance: Instance, trajectory: Trajectory) -> Trajectory
     return trajectory.model_copy(update={"score": score})
 
 
-def _worker_loop(ctx: RolloutContext, jobs: queue.Queue[Instance], on_done: Progress) -> None:
-    with Sandbox(
+def _worker_loop(ctx: RolloutContext, jobs: queue.Queue[Job], grouped: bool, on_done: Progress):
+    runtime = harness_runtime(ctx.sandbox.runtime)
+    with runtime(
         ctx.harness_path,
         policy_url=ctx.policy_url,
         adapter=ctx.version.adapter,
@@ -72,21 +78,26 @@ def _worker_loop(ctx: RolloutContext, jobs: queue.Queue[Instance], on_done: Prog
     ) as sandbox:
         while True:
             try:
-                instance = jobs.get_nowait()
+                instance, sample = jobs.get_nowait()
             except queue.Empty:
                 return
             episode = new_id("ep")
-            result = sandbox.solve(instance.inputs | {"id": instance.id}, episode)
+            inputs = instance.inputs | {"id": instance.id}
+            if grouped:
+                inputs["sample"] = sample
+            result = sandbox.solve(inputs, episode)
             trajectory = Trajectory(
                 trajectory_id=episode,
                 run_id=ctx.run_id,
                 version_id=ctx.version.version_id,
                 split=instance.split,
                 instance_id=instance.id,
+                sample=sample,
                 output=result.output,
                 error=result.error,
                 logs=result.logs,
                 seconds=result.seconds,
+                tokens=ctx.store.episode_tokens(episode),
             )
             trajectory = _score(ctx.task, instance, trajectory)
             ctx.store.add_trajectory(trajectory)
@@ -98,16 +109,19 @@ def rollout(
     instances: list[Instance],
     on_done: Progress | None = None,
     reuse: bool = True,
+    samples: int = 1,
 ) -> list[Trajectory]:
-    """Trajectories of `ctx.version` on `instances`; with `reuse`, stored ones are not rerun."""
-    done: dict[str, Trajectory] = {}
+    """Trajectories of `ctx.version` on `instances`, `samples` per instance, instance-major; with
+    `reuse`, stored ones are not rerun."""
+    done: dict[tuple[str, int], Trajectory] = {}
     if reuse and instances:
         stored = ctx.store.trajectories(ctx.version.version_id, instances[0].split)
-        done = {t.instance_id: t for t in stored}
-    todo: queue.Queue[Instance] = queue.Queue()
+        done = {(t.instance_id, t.sample): t for t in stored}
+    todo: queue.Queue[Job] = queue.Queue()
     for instance in instances:
-        if instance.id not in done:
-            todo.put(instance)
+        for k in range(samples):
+            if (instance.id, k) not in done:
+                todo.put((instance, k))
     lock = threading.Lock()
     fresh: list[Trajectory] = []
 
@@ -119,10 +133,13 @@ def rollout(
 
     workers = min(ctx.sandbox.workers, max(1, todo.qsize()))
     with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(_worker_loop, ctx, todo, record) for _ in range(workers)]:
+        futures = [
+            pool.submit(_worker_loop, ctx, todo, samples > 1, record) for _ in range(workers)
+        ]
+        for future in futures:
             future.result()
-    by_id = done | {t.instance_id: t for t in fresh}
-    return [by_id[i.id] for i in instances]
+    by_key = done | {(t.instance_id, t.sample): t for t in fresh}
+    return [by_key[(i.id, k)] for i in instances for k in range(samples)]
 
 
 def evaluate(
@@ -130,25 +147,36 @@ def evaluate(
     instances: list[Instance],
     on_done: Progress | None = None,
     forced: bool = False,
+    split: str | None = None,
 ) -> Evaluation:
-    """Score `ctx.version` on `instances` (one split) and store the Evaluation."""
+    """Score `ctx.version` on `instances` (one split) and store the Evaluation (under `split`
+    when given, e.g. "holdout" for val items the search never used)."""
     start = time.monotonic()
     trajectories = rollout(ctx, instances, on_done, reuse=not forced)
-    scores = [t.score for t in trajectories]
     evaluation = Evaluation(
         run_id=ctx.run_id,
         version_id=ctx.version.version_id,
-        split=instances[0].split,
-        metric=ctx.task.metric,
-        value=ctx.task.aggregate(scores),
+        split=split or instances[0].split,
+        metric=ctx.task.metric.name,
+        direction=ctx.task.metric.direction,
+        value=ctx.task.aggregate([t.score for t in trajectories]),
         n=len(trajectories),
         n_errors=sum(t.error is not None for t in trajectories),
         seconds=time.monotonic() - start,
+        seconds_per_item=statistics.fmean(t.seconds for t in trajectories),
+        tokens_per_item=_tokens_per_item(trajectories),
         forced=forced,
         detail=_error_counts(trajectories),
     )
     ctx.store.add_evaluation(evaluation)
     return evaluation
+
+
+def _tokens_per_item(trajectories: list[Trajectory]) -> float | None:
+    known = [t.tokens for t in trajectories if t.tokens is not None]
+    if not known:
+        return None
+    return sum(known) / len(trajectories)  # an episode without LLM calls used no tokens
 
 
 def _error_counts(trajectories: list[Trajectory]) -> dict[str, object]:

@@ -119,8 +119,8 @@ class Store:
         rows = self._rows("SELECT record FROM runs")
         return RunInfo.model_validate_json(rows[0])
 
-    def set_run_status(self, status: str) -> None:
-        info = self.run_info().model_copy(update={"status": status})
+    def set_run_status(self, status: str, reason: str | None = None) -> None:
+        info = self.run_info().model_copy(update={"status": status, "reason": reason})
         with self.transaction() as db:
             db.execute(
                 "UPDATE runs SET status = ?, record = ? WHERE run_id = ?",
@@ -185,6 +185,20 @@ class Store:
                 "INSERT INTO llm_calls VALUES (?, ?, ?)",
                 (call.call_id, call.episode_id, call.model_dump_json()),
             )
+
+    def episode_tokens(self, episode_id: str) -> int | None:
+        """Prompt plus completion tokens of an episode's recorded calls; None if it made none."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT count(*), sum(json_array_length(record, '$.prompt_token_ids') + "
+                "json_array_length(record, '$.completion_token_ids')) FROM llm_calls "
+                "WHERE episode_id = ?",
+                (episode_id,),
+            )
+            .fetchone()
+        )
+        return int(row[1]) if row[0] else None
 
     def llm_calls(self, episode_id: str | None = None) -> list[LLMCall]:
         if episode_id is None:

@@ -51,7 +51,12 @@ class FeedbackContext(Record):
 
 class FeedbackAgent(Protocol):
     def decide_before_rollout(
-        self, history: History, budget: Budget, context: FeedbackContext, *, run_id: str,
+        self,
+        history: History,
+        budget: Budget,
+        context: FeedbackContext,
+        *,
+        run_id: str,
         generation: int,
     ) -> Decision | None:
         """A Decision that needs no trajectory (a spent budget), else None."""

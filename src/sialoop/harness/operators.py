@@ -1,77 +1,66 @@
-"""Typed mutation operators: each rewrites module-level constants of a harness file.
+"""Rewrite module-level constants of a harness file in place.
 
-A harness exposes its knobs as module-level assignments of literals (`SHORTLIST = 8`); an
-operator names new values for some of them and `apply_operator` rewrites exactly those
-assignments, leaving every other byte of the file as it was. Guaranteed: the result parses, and
-only the named constants change; an operator naming a constant the harness lacks is refused.
+A harness exposes its knobs as module-level assignments of literals (`SHORTLIST = 8`);
+`apply_assignments` rewrites exactly the named assignments to `NAME = repr(value)`, leaving
+every other byte of the file as it was (a comment after the value stays). Guaranteed: the
+result parses, and only the named constants change; naming a constant the harness lacks, or a
+value whose `repr` is not a literal, is refused. Not checked here: that a value lies in the
+knob's declared domain (`Declarations.check` does that).
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from sialoop.harness.knobs import constant_nodes
 
 
 class OperatorError(ValueError):
-    """An operator that does not fit the harness it was applied to."""
+    """An edit that does not fit the harness it was applied to."""
 
 
-class Operator(BaseModel):
-    """One typed edit: a family (what it changes) and the constants it sets."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    family: str  # examples | shortlist | scoring | format
-    assignments: dict[str, Any]
-    why: str
-
-    @property
-    def key(self) -> str:
-        """A stable name for 'this edit', used to avoid proposing it twice."""
-        return (
-            self.family + ":" + ",".join(f"{k}={v!r}" for k, v in sorted(self.assignments.items()))
-        )
-
-
-def _constant_nodes(tree: ast.Module) -> dict[str, ast.Assign]:
-    found = {}
-    for node in tree.body:
-        if (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-            and node.targets[0].id.isupper()
-        ):
-            try:
-                ast.literal_eval(node.value)
-            except ValueError:
-                continue
-            found[node.targets[0].id] = node
-    return found
+def _upper_constants(tree: ast.Module) -> dict[str, ast.Assign]:
+    return {name: node for name, node in constant_nodes(tree).items() if name.isupper()}
 
 
 def read_constants(source: str) -> dict[str, Any]:
-    """The harness's knobs: module-level UPPER_CASE names bound to literals."""
+    """The harness's module-level UPPER_CASE names bound to literals, with their values."""
     return {
         name: ast.literal_eval(node.value)
-        for name, node in _constant_nodes(ast.parse(source)).items()
+        for name, node in _upper_constants(ast.parse(source)).items()
     }
 
 
-def apply_operator(source: str, operator: Operator) -> str:
-    """`source` with the operator's constants rewritten in place."""
-    nodes = _constant_nodes(ast.parse(source))
-    missing = sorted(set(operator.assignments) - set(nodes))
+def _literal_text(name: str, value: Any) -> str:
+    text = repr(value)
+    try:
+        same = ast.literal_eval(text) == value
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        same = False
+    if not same:
+        raise OperatorError(f"{name} = {text} is not a literal that reads back as itself")
+    return text
+
+
+def apply_assignments(source: str, assignments: Mapping[str, Any]) -> str:
+    """`source` with each named constant's assignment rewritten to its new value."""
+    nodes = _upper_constants(ast.parse(source))
+    missing = sorted(set(assignments) - set(nodes))
     if missing:
         raise OperatorError(f"harness has no constant {', '.join(missing)} to set")
-    lines = source.splitlines(keepends=True)
-    # Rewrite bottom-up so earlier line numbers stay valid.
-    for name in sorted(operator.assignments, key=lambda n: -nodes[n].lineno):
+    # Offsets in `ast` are UTF-8 byte offsets: edit bytes, last statement first, so the
+    # offsets of the statements before each edit stay valid.
+    lines = source.encode("utf-8").splitlines(keepends=True)
+    order = sorted(assignments, key=lambda n: (nodes[n].lineno, nodes[n].col_offset), reverse=True)
+    for name in order:
         node = nodes[name]
         start, end = node.lineno - 1, (node.end_lineno or node.lineno) - 1
+        head = lines[start][: node.col_offset]
         tail = lines[end][node.end_col_offset :]
-        lines[start : end + 1] = [f"{name} = {operator.assignments[name]!r}{tail}"]
-    result = "".join(lines)
+        text = f"{name} = {_literal_text(name, assignments[name])}".encode()
+        lines[start : end + 1] = [head + text + tail]
+    result = b"".join(lines).decode("utf-8")
     ast.parse(result)
     return result

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sialoop.config import PolicyConfig
-from sialoop.errors import PolicyError
+from sialoop.errors import ConfigError, PolicyError
 from sialoop.policy.dtype import resolve_dtype
 from sialoop.policy.recorder import Recorder
+
+if TYPE_CHECKING:
+    from sialoop.policy.batcher import PolicyBackend
 
 
 def resolve_model_dir(cfg: PolicyConfig) -> Path:
@@ -24,6 +28,26 @@ def resolve_model_dir(cfg: PolicyConfig) -> Path:
     return path
 
 
+def _hf_backend(cfg: PolicyConfig) -> PolicyBackend:
+    from sialoop.policy.hf import HFBackend
+
+    return HFBackend(
+        resolve_model_dir(cfg), dtype=resolve_dtype(cfg.dtype), max_batch=cfg.max_batch
+    )
+
+
+# Backends by name (`policy.backend`); each builds a `PolicyBackend` from the config.
+BACKENDS: dict[str, Callable[[PolicyConfig], PolicyBackend]] = {"hf": _hf_backend}
+
+
+def policy_backend(cfg: PolicyConfig) -> PolicyBackend:
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(
+            f"policy.backend '{cfg.backend}' is unknown: use one of {', '.join(BACKENDS)}"
+        )
+    return BACKENDS[cfg.backend](cfg)
+
+
 @contextmanager
 def serve_policy(
     cfg: PolicyConfig, recorder: Recorder, adapters: dict[str, Path] | None = None
@@ -31,14 +55,11 @@ def serve_policy(
     """Run the endpoint on a free loopback port for the duration of the block; yields its URL."""
     import torch
 
-    from sialoop.policy.hf import HFBackend
     from sialoop.policy.server import PolicyServer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    backend = HFBackend(
-        resolve_model_dir(cfg), dtype=resolve_dtype(cfg.dtype), max_batch=cfg.max_batch
-    )
+    backend = policy_backend(cfg)
     for name, path in (adapters or {}).items():
         backend.add_adapter(name, path)
     with PolicyServer(backend, recorder) as server:

@@ -10,7 +10,7 @@ from sialoop.tasks.registry import build_task, resolve_task_class, task_names
 
 def load_task(
     name: str,
-    data: Path,
+    data: Path | None,
     *,
     seed: int = 0,
     val_fraction: float = 0.1,
@@ -23,7 +23,7 @@ def load_task(
 
         return FolderTask(task_dir, seed=seed, val_fraction=val_fraction)
     cls = resolve_task_class(name)
-    return build_task(cls, data=Path(data), seed=seed, val_fraction=val_fraction)
+    return build_task(cls, data=data, seed=seed, val_fraction=val_fraction)
 
 
 __all__ = ["ACCURACY", "Instance", "Metric", "Split", "Task", "load_task", "task_names"]

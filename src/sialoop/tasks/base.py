@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -77,9 +77,7 @@ class Metric(BaseModel):
         return (value is not None, self.sign * value if value is not None else 0.0)
 
 
-ACCURACY = Metric(
-    name="accuracy", correct="the answer equals the gold label", failure_value=0.0
-)
+ACCURACY = Metric(name="accuracy", correct="the answer equals the gold label", failure_value=0.0)
 
 
 class Task(ABC):

@@ -54,7 +54,9 @@ def _from_file(path: Path, attr: str) -> Any:
             spec.loader.exec_module(module)
         except Exception as err:
             del sys.modules[name]
-            raise ConfigError(f"task file {path} failed to import: {type(err).__name__}: {err}")
+            raise ConfigError(
+                f"task file {path} failed to import: {type(err).__name__}: {err}"
+            ) from None
     return getattr(sys.modules[name], attr, None)
 
 

@@ -1,6 +1,7 @@
 """LawBench charge prediction on SIA's split (191 charges, top-1 accuracy).
 
-Reads `<data>/lawbench-sia/{train.csv,test.csv,test_labels.csv,classes.json}` in place.
+Reads `<data>/lawbench-sia/{train.csv,test.csv,test_labels.csv,classes.json}` in place (where
+the data root comes from: `data.py`).
 train.csv is split into train and val (stratified by charge, seeded); test texts that also occur
 verbatim in train.csv are removed from train, so nothing the loop learns from is a test item.
 test_labels.csv is read only when a test instance is scored.
@@ -17,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from sialoop.errors import DataError
-from sialoop.tasks.templates import template_source
 from sialoop.records import Score
 from sialoop.tasks.base import Instance, Metric, Split, Task
-
-_FILES = ("train.csv", "test.csv", "test_labels.csv", "classes.json")
+from sialoop.tasks.lawbench.data import FOLDER, locate
+from sialoop.tasks.templates import template_source
 
 SPEC = """# LawBench charge prediction (罪名预测)
 
@@ -69,14 +69,8 @@ class LawBenchTask(Task):
         name="top1", correct="the predicted charge is the gold charge", failure_value=0.0
     )
 
-    def __init__(self, data: Path, *, seed: int = 0, val_fraction: float = 0.1):
-        self.dir = Path(data) / "lawbench-sia"
-        missing = [f for f in _FILES if not (self.dir / f).exists()]
-        if missing:
-            raise DataError(
-                f"LawBench data not found: {self.dir} lacks {', '.join(missing)}; "
-                "pass --data PATH (the folder holding lawbench-sia/)"
-            )
+    def __init__(self, data: Path | None = None, *, seed: int = 0, val_fraction: float = 0.1):
+        self.dir = locate(data) / FOLDER
         self.seed = seed
         self.val_fraction = val_fraction
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sialoop.tasks.templates import template_source
 from sialoop.records import Score
 from sialoop.tasks.base import Instance, Split, Task
+from sialoop.tasks.templates import template_source
 
 COLOURS = {
     "red": ["tomato", "cherry", "ruby", "brick"],
