@@ -27,7 +27,7 @@ run: model
 
 test: setup
 	$(BIN)/python -c "from sialoop.policy.model_files import tokenizer_dir as t; print(t())"
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q
 
 test-slow: model

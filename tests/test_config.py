@@ -53,13 +53,20 @@ def test_missing_data_names_the_flag(tmp_path: Path):
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path):
     runner = CliRunner()
     result = runner.invoke(
-        app, ["run", "--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+        app,
+        ["run", "--task", "lawbench", "--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
     )
     assert result.exit_code == 2
     lines = [line for line in result.output.strip().splitlines() if line]
     assert len(lines) == 1 and "--data" in lines[0], result.output
     result = runner.invoke(app, ["run", "--set", "policy.nope=1"])
     assert result.exit_code == 2 and "unknown config key 'policy.nope'" in result.output
+    result = runner.invoke(app, ["run", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no task: pass --task" in result.output
+    result = runner.invoke(app, ["run", "--task", "nope", "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown task 'nope'" in result.output
+    result = runner.invoke(app, ["run", "--task", "x.py:Y", "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "task file x.py does not exist" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no run at" in result.output
 

@@ -164,8 +164,6 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         config = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
-    if config.task is None and config.task_dir is None:
-        raise ConfigError("no task: pass --task NAME (see `sialoop tasks`) or --task-dir DIR")
     if config.task_dir is not None and not config.task_dir.is_dir():
         raise ConfigError(f"--task-dir {config.task_dir} is not a folder: pass a task folder")
     if config.harness is not None and not config.harness.exists():
@@ -175,4 +173,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             f"config key 'policy.model': {config.policy.model} is not a model directory; "
             "use 'embedded' or a local Hugging Face model folder"
         )
+    if config.task is None and config.task_dir is None:
+        raise ConfigError("no task: pass --task NAME (see `sialoop tasks`) or --task-dir DIR")
+    if config.task and ".py:" in config.task:  # a file task: resume may run from elsewhere
+        where, attr = config.task.rsplit(":", 1)
+        config = config.model_copy(update={"task": f"{Path(where).resolve()}:{attr}"})
+    if config.task_dir is not None:
+        config = config.model_copy(update={"task_dir": config.task_dir.resolve()})
     return config

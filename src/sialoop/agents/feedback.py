@@ -186,7 +186,9 @@ class OfflineFeedbackAgent:
             "grpo": mean(Lever.weights, "grpo", s.grpo_minutes),
         }
 
-    def _lever_minutes(self, costs: dict[str, float], context: FeedbackContext) -> dict[Lever, float]:
+    def _lever_minutes(
+        self, costs: dict[str, float], context: FeedbackContext
+    ) -> dict[Lever, float]:
         per = {Lever.harness: costs["harness"], Lever.weights: min(costs["sft"], costs["grpo"])}
         return {lever: per[lever] for lever in _levers(context)}
 
@@ -267,9 +269,7 @@ class OfflineFeedbackAgent:
                 specific = harness_rule(ev, context, s)
             else:
                 specific = weights_rule(ev, budget, costs, s)
-            proposals.append(
-                specific or fallback(lever, ev, context, history, budget, costs, s)
-            )
+            proposals.append(specific or fallback(lever, ev, context, history, budget, costs, s))
         proposals.sort(key=lambda p: self._key(p, ev, budget, minutes))
         best = proposals[0]
         if len(proposals) == 1:

@@ -1,16 +1,18 @@
 """The offline Feedback-Agent's rules: one proposal per lever from `Evidence` and the harness's
 declarations (`agents/feedback.py` stops, then chooses between these proposals).
 
-Harness rules, the one that addresses most of the batch wins:
-- `format_failures` (answers outside the option set or unparsable) and `rollout_errors`
-  (timeouts, crashes, other errors): focus the declared knob family named "format" if the harness
-  has one, else None (the Meta-Agent searches the whole space);
+Harness rules; the one that addresses the largest share of the batch wins, and on equal shares
+the first in this order (alternatives in declaration order):
+- `format_failures` (answers outside the option set or unparsable): focus the declared knob
+  family named "format" if the harness has one, else None (the Meta-Agent searches the whole
+  space);
 - `gold_absent`: gold missing from a `ranking` signal's candidates: focus that signal's family;
 - `alternative_beats_answer`: an `alternative` signal right more often than the answer by
   `prior_gap` or more: focus the signal's family, `raise` the knob it names, `gap` the gap;
 - `answer_bound_by_alternative`: the answer follows an alternative in `prior_agreement` of items
   or more and is no better than it (by less than `prior_gap`): focus the signal's
-  `bound_family`.
+  `bound_family`;
+- `rollout_errors` (timeouts, crashes, other errors): focus as for format failures.
 Weights rule `learnable_pattern`: near misses in a ranking signal, or confusions repeated across
 instances. Method: GRPO when sampled groups show reward variance and GRPO fits the budget, else
 SFT. A lever with no firing rule gets a fallback proposal that says so; its `addressable` is
@@ -338,7 +340,8 @@ def fallback(
             focus=focus,
         )
     method, method_why, settings = method_for(ev, budget, costs, s)
-    near = max((r.near_miss_share or 0.0 for r in ev.rankings.values()), default=None)
+    shares = [r.near_miss_share for r in ev.rankings.values() if r.near_miss_share is not None]
+    near = max(shares, default=None)
     why = (
         f"Weights ({method}): no learnable pattern stood out ({pct(ev.wrong_valid_share)} "
         f"valid-but-wrong answers, {pct(ev.repeated_confusion_share)} in repeated confusions, "

@@ -56,7 +56,8 @@ def apply_assignments(source: str, assignments: Mapping[str, Any]) -> str:
     order = sorted(assignments, key=lambda n: (nodes[n].lineno, nodes[n].col_offset), reverse=True)
     for name in order:
         node = nodes[name]
-        start, end = node.lineno - 1, (node.end_lineno or node.lineno) - 1
+        assert node.end_lineno is not None and node.end_col_offset is not None
+        start, end = node.lineno - 1, node.end_lineno - 1
         head = lines[start][: node.col_offset]
         tail = lines[end][node.end_col_offset :]
         text = f"{name} = {_literal_text(name, assignments[name])}".encode()

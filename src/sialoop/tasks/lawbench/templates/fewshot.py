@@ -4,7 +4,8 @@ A completion prompt with a few train examples; the answer is the shortlisted cha
 highest log-probability under the policy (optionally plus a weighted prior from the shortlist's
 retriever or classifier). The shortlist comes from the nearest train cases by character n-gram
 TF-IDF, or from a linear classifier on the same features, both fitted on the public train split
-only. The constants below are the knobs the Meta-Agent's operators turn.
+only. The constants below are the knobs the Meta-Agent turns, declared with their domains and
+families in KNOBS; SIGNALS names what `solve` returns beside its answer.
 """
 
 import json
@@ -28,6 +29,31 @@ PRIOR_WEIGHT = 0.0  # weight of log(shortlist prior) added to the option's log-p
 NORMALIZE = "sum"  # "sum" or "mean" of the option's token log-probabilities
 INSTRUCTION = "根据案情描述，判断被告人的罪名。\n\n"
 TEMPLATE = "案情：{text}\n罪名：{label}\n\n"
+
+KNOBS = {
+    "EXAMPLE_SELECTION": {"family": "examples", "choices": ["fixed", "similar"]},
+    "N_EXAMPLES": {"family": "examples", "int": [1, 8]},
+    "EXAMPLE_CHARS": {"family": "examples", "int": [80, 480], "step": 80},
+    # The source first: the first shortlist move is the classifier.
+    "SHORTLIST_SOURCE": {"family": "shortlist", "choices": ["neighbours", "classifier"]},
+    "SHORTLIST": {"family": "shortlist", "values": [2, 4, 8, 16, 32]},
+    "NEIGHBOURS": {"family": "shortlist", "values": [20, 40, 80, 160]},
+    "PRIOR_WEIGHT": {"family": "scoring", "values": [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]},
+    "NORMALIZE": {"family": "scoring", "choices": ["sum", "mean"]},
+    "QUERY_CHARS": {"family": "format", "int": [200, 1200], "step": 200},
+}
+SIGNALS = {
+    # The final ranking of the shortlist: is gold in it, and how high?
+    "ranked": {"kind": "ranking", "family": "shortlist"},
+    # The shortlist prior's own ranking: when its first item beats the answer, weigh it more.
+    "prior_ranked": {
+        "kind": "alternative",
+        "family": "scoring",
+        "raises": "PRIOR_WEIGHT",
+        "bound_family": "shortlist",
+    },
+}
+ANSWER = "label"
 
 _TRAIN = read_jsonl("public/train.jsonl")
 _OPTIONS = json.loads(Path("public/options.json").read_text(encoding="utf-8"))

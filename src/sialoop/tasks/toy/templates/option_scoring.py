@@ -1,11 +1,19 @@
 """Generation-0 harness for a small classification task: few-shot prompt, options scored by
-log-probability through the policy endpoint."""
+log-probability through the policy endpoint. KNOBS declares the constants the Meta-Agent
+turns; SIGNALS what `solve` returns beside its answer."""
 
 from sialoop.harness.kit import argmax, read_jsonl, score_options
 
 N_EXAMPLES = 4
 NORMALIZE = "sum"
 TEMPLATE = "Text: {text}\nAnswer: {label}\n\n"
+
+KNOBS = {
+    "N_EXAMPLES": {"family": "examples", "int": [1, 8]},
+    "NORMALIZE": {"family": "scoring", "choices": ["sum", "mean"]},
+}
+SIGNALS = {"ranked": {"kind": "ranking", "family": "scoring"}}
+ANSWER = "label"
 
 _EXAMPLES = read_jsonl("public/train.jsonl")[:N_EXAMPLES]
 _HEADER = "".join(TEMPLATE.format(text=r["text"], label=r["label"]) for r in _EXAMPLES)

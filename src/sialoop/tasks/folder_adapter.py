@@ -1,0 +1,379 @@
+"""Running a SIA-layout folder's own programs unchanged: its reference agent inside the sandbox
+worker (`run_reference_agent`, called by the harness `FolderTask.reference_harness` writes), and
+its evaluator outside it (`serve_evaluator`, the loop's side of which is `FolderTask.score`).
+
+The reference agent is a script (`--dataset_dir D --working_dir W`, writes `W/submission.csv`).
+`run_reference_agent` gives it a dataset view holding one item and runs its `main()` with:
+- `openai.OpenAI` / `openai.AsyncOpenAI` (module attributes, names the agent bound to them, and
+  client objects it built at import) replaced by subclasses that always use the episode's `llm`
+  base_url, api key and `X-Sialoop-*` headers, and send `model="policy"` whatever model the agent
+  names: every call is recorded under the episode. `anthropic.Anthropic`, when the agent
+  imported anthropic, is replaced by a text-only shim over the same endpoint's chat API.
+- dummy values for the API-key variables the agent reads (named in `view["env_keys"]`) that are
+  unset, and `sys.argv` set for its argparse; all three are restored after each instance.
+
+Not guaranteed: a client built some other way (raw httpx, another SDK, a subprocess) is not
+routed and the sandbox refuses its network access. The anthropic shim maps `system`, text
+content blocks, `max_tokens`, `temperature`, `top_p` and `stop_sequences`, and nothing else
+(no tools: such an agent stops after its first turn). Everything here is process-global while
+`main()` runs, so a harness must not run two agents at once in threads.
+
+This module imports only the standard library at the top: the evaluator server runs it as a
+script (`python -P folder_adapter.py --serve-evaluator`) without importing sialoop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+POLICY_MODEL = "policy"
+_HEADER_PREFIX = "x-sialoop-"
+_DUMMY_KEY = "sialoop-policy"
+# SDK arguments that would override the base_url (newer openai clients take them).
+_DROPPED_KWARGS = ("provider", "data_residency", "websocket_base_url", "workload_identity")
+JSON_SUBMISSIONS = ("submission*.json", "results/*.json", "responses*.json", "results*.json")
+
+
+class AgentFailed(RuntimeError):
+    """The reference agent exited with an error status or wrote no usable submission."""
+
+
+# -- the harness side: one instance through the agent's main() -------------------------------
+def run_reference_agent(
+    main: Callable[[], Any],
+    namespace: MutableMapping[str, Any],
+    instance: Mapping[str, Any],
+    llm: Any,
+    view: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Run the agent's `main()` on a one-item view of the folder; its prediction for the item.
+
+    `namespace` is the harness module's globals (where the agent bound its SDK names), `view`
+    the `FOLDER_VIEW` literal of the harness. Returns `{"label": ...}` read from the agent's
+    submission CSV, or `{"submission": ..., "file": ...}` for a folder whose agents write JSON.
+    """
+    if llm is None:
+        raise AgentFailed("no policy endpoint: the reference agent needs an `llm` client")
+    base = Path(tempfile.mkdtemp(prefix="folder-", dir=Path.cwd()))
+    try:
+        dataset, working = base / "dataset", base / "working"
+        write_view(dataset, instance, view)
+        working.mkdir()
+        argv = [view.get("agent_name", "agent.py"), "--dataset_dir", str(dataset)]
+        argv += ["--working_dir", str(working)]
+        with routed_clients(namespace, llm), _dummy_keys(view.get("env_keys", ())), _argv(argv):
+            _call_main(main)
+        return read_prediction(working, str(instance["id"]), view)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _call_main(main: Callable[[], Any]) -> None:
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise AgentFailed(f"the reference agent exited with {exc.code!r}") from None
+
+
+def write_view(dataset: Path, instance: Mapping[str, Any], view: Mapping[str, Any]) -> None:
+    """`public/` mirrored by symlinks, plus the item file (and sample submission) for one item."""
+    dataset.mkdir(parents=True)
+    public = Path("public")
+    if public.is_dir():
+        for entry in sorted(public.iterdir()):
+            os.symlink(entry.resolve(), dataset / entry.name)
+    id_key = view["id_key"]
+    item_id: Any = int(instance["id"]) if view.get("id_type") == "int" else str(instance["id"])
+    row = {k: (item_id if k == id_key else instance.get(k)) for k in view["columns"]}
+    target = dataset / view["input_file"]
+    if view["format"] == "csv":
+        _write_csv(target, list(view["columns"]), [row])
+    elif view["format"] == "jsonl":
+        target.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    else:
+        target.write_text(json.dumps([row], ensure_ascii=False, indent=1), encoding="utf-8")
+    sample = view.get("sample_submission")
+    if sample:
+        cells = {c: sample["placeholder"] for c in sample["columns"]} | {sample["columns"][0]: item_id}
+        _write_csv(dataset / sample["file"], list(sample["columns"]), [cells])
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_prediction(working: Path, item_id: str, view: Mapping[str, Any]) -> dict[str, Any]:
+    """The agent's answer for `item_id`: from `submission.csv`, else (JSON folders) the newest
+    JSON submission file it wrote."""
+    sub = view["submission"]
+    path = working / sub["file"]
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+        id_col = sub["id"] if sub["id"] in fields else (fields[0] if fields else "")
+        label_col = sub["label"] if sub["label"] in fields else (fields[-1] if fields else "")
+        for row in rows:
+            if str(row.get(id_col, "")).strip() == item_id:
+                return {"label": row.get(label_col)}
+        raise AgentFailed(f"{sub['file']} has no row for id {item_id!r} (columns: {fields})")
+    if view["format"] != "csv":
+        found = [p for pattern in JSON_SUBMISSIONS for p in working.glob(pattern) if p.is_file()]
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            submission = json.loads(newest.read_text(encoding="utf-8"))
+            return {"submission": submission, "file": newest.name}
+    raise AgentFailed(f"the reference agent wrote no {sub['file']} in its working_dir")
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+@contextlib.contextmanager
+def _dummy_keys(names: Any) -> Iterator[None]:
+    """Set the unset API-key variables the agent checks; the client ignores their values."""
+    added = [n for n in names if not os.environ.get(n)]
+    for name in added:
+        os.environ[name] = _DUMMY_KEY
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+# -- routing the agent's SDK clients to the policy endpoint ----------------------------------
+def _route(llm: Any) -> dict[str, Any]:
+    headers = {k: v for k, v in llm.default_headers.items() if k.lower().startswith(_HEADER_PREFIX)}
+    return {"base_url": str(llm.base_url), "api_key": llm.api_key, "headers": headers}
+
+
+def _policy_body(body: Any) -> Any:
+    if isinstance(body, Mapping) and "model" in body:
+        return {**body, "model": POLICY_MODEL}
+    return body
+
+
+def _routed_kwargs(route: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+    out["base_url"], out["api_key"] = route["base_url"], route["api_key"]
+    out["default_headers"] = {**(kwargs.get("default_headers") or {}), **route["headers"]}
+    return out
+
+
+def routed_openai(route: Mapping[str, Any]) -> tuple[type, type]:
+    """Subclasses of `openai.OpenAI` and `openai.AsyncOpenAI` bound to `route`."""
+    import openai
+
+    class PolicyOpenAI(openai.OpenAI):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **_routed_kwargs(route, kwargs))
+
+        def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
+            kwargs["body"] = _policy_body(kwargs.get("body"))
+            return super().post(path, *args, **kwargs)
+
+    class PolicyAsyncOpenAI(openai.AsyncOpenAI):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **_routed_kwargs(route, kwargs))
+
+        async def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
+            kwargs["body"] = _policy_body(kwargs.get("body"))
+            return await super().post(path, *args, **kwargs)
+
+    return PolicyOpenAI, PolicyAsyncOpenAI
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or ():
+        text = block.get("text") if isinstance(block, Mapping) else getattr(block, "text", None)
+        if isinstance(text, str):
+            parts.append(text)
+    return "\n".join(parts)
+
+
+def anthropic_shim(llm: Any) -> type:
+    """A stand-in for `anthropic.Anthropic` whose `messages.create` is the endpoint's chat API."""
+
+    class Messages:
+        def create(self, *, messages: list[Any], max_tokens: int, **kw: Any) -> SimpleNamespace:
+            chat = [{"role": "system", "content": _text(kw["system"])}] if kw.get("system") else []
+            chat += [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+            extra = {"temperature": kw.get("temperature"), "top_p": kw.get("top_p")}
+            extra["stop"] = kw.get("stop_sequences")
+            sent = {k: v for k, v in extra.items() if v is not None}
+            out = llm.chat.completions.create(
+                model=POLICY_MODEL, messages=chat, max_tokens=max_tokens, **sent
+            )
+            choice = out.choices[0]
+            usage = out.usage
+            return SimpleNamespace(
+                id=out.id, type="message", role="assistant", model=kw.get("model"),
+                content=[SimpleNamespace(type="text", text=choice.message.content or "")],
+                stop_reason="max_tokens" if choice.finish_reason == "length" else "end_turn",
+                stop_sequence=None,
+                usage=SimpleNamespace(
+                    input_tokens=usage.prompt_tokens if usage else 0,
+                    output_tokens=usage.completion_tokens if usage else 0,
+                ),
+            )  # fmt: skip
+
+    class PolicyAnthropic:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.messages = Messages()
+
+    return PolicyAnthropic
+
+
+def _swaps(namespace: Mapping[str, Any], llm: Any) -> list[tuple[Any, str, Any]]:
+    """(owner, attribute, replacement) for every SDK class and client the agent can reach."""
+    import openai
+
+    sync_cls, async_cls = routed_openai(_route(llm))
+    classes: list[tuple[Any, str, Any]] = [(openai, "OpenAI", sync_cls)]
+    classes.append((openai, "AsyncOpenAI", async_cls))
+    anthropic = sys.modules.get("anthropic")
+    if anthropic is not None and isinstance(getattr(anthropic, "Anthropic", None), type):
+        classes.append((anthropic, "Anthropic", anthropic_shim(llm)))
+    swaps: list[tuple[Any, str, Any]] = list(classes)
+    for name, value in namespace.items():
+        for module, attr, routed in classes:
+            original = getattr(module, attr)
+            if value is original:
+                swaps.append((namespace, name, routed))
+            elif isinstance(value, original):  # a client the agent built at import time
+                swaps.append((namespace, name, routed()))
+    return swaps
+
+
+@contextlib.contextmanager
+def routed_clients(namespace: MutableMapping[str, Any], llm: Any) -> Iterator[None]:
+    """While the block runs, every OpenAI/Anthropic client the agent makes reaches `llm`'s
+    endpoint with its headers; the originals are put back afterwards."""
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for owner, name, routed in _swaps(namespace, llm):
+            if isinstance(owner, MutableMapping):
+                saved.append((owner, name, owner[name]))
+                owner[name] = routed
+            else:
+                saved.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, routed)
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            if isinstance(owner, MutableMapping):
+                owner[name] = original
+            else:
+                setattr(owner, name, original)
+
+
+# -- the evaluator side: a long-lived process that runs the folder's evaluate.py ---------------
+_VALUE = re.compile(r"\b(accuracy|score)\b\s*[:=]\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(%?)", re.I)
+
+
+def _parse_printed(text: str) -> dict[str, Any]:
+    match = _VALUE.search(text)
+    if match is None:
+        return {}
+    value = float(match.group(2)) / (100.0 if match.group(3) else 1.0)
+    return {match.group(1).lower(): value}
+
+
+def evaluate_once(root: Path, submission: Path) -> dict[str, Any]:
+    """Run `root/data/public/evaluate.py` on `submission`: its `evaluate(path)` when it has one,
+    else its `main()` with `--submission PATH` (then a results.json it wrote beside the
+    submission, or an "Accuracy: x" line it printed). Returns {"ok", "result" | "error", "log"}."""
+    script = root / "data" / "public" / "evaluate.py"
+    name = f"sialoop_folder_evaluator_{uuid.uuid4().hex[:12]}"
+    saved = (os.getcwd(), sys.argv, list(sys.path))
+    printed = io.StringIO()
+    try:
+        os.chdir(root)
+        sys.argv = [str(script), "--submission", str(submission)]
+        sys.path.insert(0, str(script.parent))
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            spec = importlib.util.spec_from_file_location(name, script)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            result = _run_evaluator(module, submission)
+        if not result:
+            result = _parse_printed(printed.getvalue())
+        return {"ok": True, "result": result, "log": printed.getvalue()[-2000:]}
+    except BaseException as exc:  # the folder's evaluator failing is reported, not fatal
+        first = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+        return {"ok": False, "error": first, "log": printed.getvalue()[-2000:]}
+    finally:
+        sys.modules.pop(name, None)
+        os.chdir(saved[0])
+        sys.argv, sys.path[:] = saved[1], saved[2]
+
+
+def _run_evaluator(module: Any, submission: Path) -> dict[str, Any]:
+    evaluate = getattr(module, "evaluate", None)
+    if callable(evaluate):
+        out = evaluate(submission)
+        return dict(out) if isinstance(out, Mapping) else {"score": out}
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise AttributeError("evaluate.py defines neither evaluate(path) nor main()")
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise
+    results = submission.parent / "results.json"
+    if results.is_file():
+        loaded = json.loads(results.read_text(encoding="utf-8"))
+        return dict(loaded) if isinstance(loaded, Mapping) else {}
+    return {}
+
+
+def serve_evaluator() -> int:
+    """One JSON request per stdin line ({"root", "submission"}), one JSON reply per line on the
+    original stdout; whatever the evaluator prints (even from native code) goes to stderr."""
+    proto = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        reply = evaluate_once(Path(request["root"]), Path(request["submission"]))
+        proto.write(json.dumps(reply, default=str) + "\n")
+        proto.flush()
+    return 0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve-evaluator"]:
+    sys.exit(serve_evaluator())

@@ -1,0 +1,35 @@
+"""A Feedback-Agent plug-in for tests (`agents.feedback = "scripted_agents:weights_at_two"`):
+the offline agent, except that generation 2 pulls the weights lever, so that a run is sure to
+reach the trainer at a known point. It exercises the agents registry's `module:attr` path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sialoop.agents.registry import FEEDBACK
+from sialoop.records import Decision, Lever
+
+
+class WeightsAtTwo:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def decide_before_rollout(self, *args: Any, **kwargs: Any) -> Decision | None:
+        return self.inner.decide_before_rollout(*args, **kwargs)
+
+    def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        decision = self.inner.decide(*args, **kwargs)
+        if decision.generation != 2:
+            return decision
+        return decision.model_copy(
+            update={
+                "lever": Lever.weights,
+                "method": "sft",
+                "settings": {},
+                "rationale": "scripted: generation 2 pulls the weights lever",
+            }
+        )
+
+
+def weights_at_two(cfg: Any) -> WeightsAtTwo:
+    return WeightsAtTwo(FEEDBACK["offline"](cfg))
