@@ -120,11 +120,11 @@ def _steer(decision: Decision, decl: Declarations) -> _Steer:
     [0, 1] is a ValueError."""
     settings, notes = decision.settings, []
     focus = settings.get("focus")
-    if focus is not None and focus not in decl.families:
+    if focus is not None and not (isinstance(focus, str) and focus in decl.families):
         notes.append(f"focus {focus!r} names no declared family")
         focus = None
     raise_knob = settings.get("raise")
-    if raise_knob is not None and raise_knob not in decl.knobs:
+    if raise_knob is not None and not (isinstance(raise_knob, str) and raise_knob in decl.knobs):
         notes.append(f"raise {raise_knob!r} names no declared knob")
         raise_knob = None
     gap = settings.get("gap")

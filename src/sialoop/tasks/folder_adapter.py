@@ -31,10 +31,14 @@ import io
 import json
 import os
 import re
+import select
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,7 +113,9 @@ def write_view(dataset: Path, instance: Mapping[str, Any], view: Mapping[str, An
         target.write_text(json.dumps([row], ensure_ascii=False, indent=1), encoding="utf-8")
     sample = view.get("sample_submission")
     if sample:
-        cells = {c: sample["placeholder"] for c in sample["columns"]} | {sample["columns"][0]: item_id}
+        cells = {c: sample["placeholder"] for c in sample["columns"]} | {
+            sample["columns"][0]: item_id
+        }
         _write_csv(dataset / sample["file"], list(sample["columns"]), [cells])
 
 
@@ -298,7 +304,9 @@ def routed_clients(namespace: MutableMapping[str, Any], llm: Any) -> Iterator[No
 
 
 # -- the evaluator side: a long-lived process that runs the folder's evaluate.py ---------------
-_VALUE = re.compile(r"\b(accuracy|score)\b\s*[:=]\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(%?)", re.I)
+_VALUE = re.compile(
+    r"\b(accuracy|score)\b\s*[:=]\s*([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*(%?)", re.I
+)
 
 
 def _parse_printed(text: str) -> dict[str, Any]:
@@ -373,6 +381,86 @@ def serve_evaluator() -> int:
         proto.write(json.dumps(reply, default=str) + "\n")
         proto.flush()
     return 0
+
+
+class EvaluatorProcess:
+    """The parent's side of `serve_evaluator`: one subprocess per task root, started on first
+    use, restarted after it dies or times out; calls are serialised (safe from threads)."""
+
+    def __init__(self, task_root: Path, timeout_s: float = 120.0):
+        self._root, self._timeout_s = Path(task_root), timeout_s
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def run(self, answers: Path, truth: str, name: str, submission: str) -> dict[str, Any]:
+        """The reply for `submission` (file `name`) scored against a copy of the task root whose
+        `answers` file holds `truth`: {"ok": True, "result": {...}} or {"ok": False, "error"}."""
+        with tempfile.TemporaryDirectory(prefix="sialoop-eval-") as tmp:
+            root = self._stage(Path(tmp), Path(answers), truth)
+            (root / "gen").mkdir()
+            (root / "gen" / name).write_text(submission, encoding="utf-8")
+            request = {"root": str(root), "submission": str(root / "gen" / name)}
+            with self._lock:
+                return self._exchange(request)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                _stop(self._proc)
+                self._proc = None
+
+    def _stage(self, tmp: Path, answers: Path, truth: str) -> Path:
+        """data/public and data/private mirrored by symlinks, but a copy of evaluate.py (its own
+        path locates the truth) and the answers file replaced by `truth`."""
+        root = tmp / "task"
+        for part in ("public", "private"):
+            (root / "data" / part).mkdir(parents=True)
+            for entry in (self._root / "data" / part).iterdir():
+                target = root / "data" / part / entry.name
+                if part == "public" and entry.name == "evaluate.py":
+                    shutil.copyfile(entry, target)
+                elif entry.resolve() == answers.resolve():
+                    target.write_text(truth, encoding="utf-8")
+                else:
+                    target.symlink_to(entry.resolve())
+        return root
+
+    def _start(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", str(Path(__file__).resolve()), "--serve-evaluator"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, encoding="utf-8", cwd=self._root,
+        )  # fmt: skip
+        weakref.finalize(self, _stop, proc)
+        return proc
+
+    def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
+        alive = self._proc is not None and self._proc.poll() is None
+        proc = self._proc = self._proc if alive and self._proc else self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], self._timeout_s)
+            line = proc.stdout.readline() if ready else ""
+        except OSError:  # a broken pipe: the process died
+            line = ""
+        if line:
+            return json.loads(line)
+        running = proc.poll() is None
+        _stop(proc)
+        self._proc = None
+        why = f"timed out after {self._timeout_s:.0f} s" if running else "exited"
+        return {"ok": False, "error": f"the evaluator process {why}"}
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve-evaluator"]:

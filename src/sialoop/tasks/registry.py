@@ -28,6 +28,8 @@ ENTRY_POINT_GROUP = "sialoop.tasks"
 BUILTIN: dict[str, str] = {
     "lawbench": "sialoop.tasks.lawbench:LawBenchTask",
     "toy": "sialoop.tasks.toy:ToyTask",
+    "arith": "sialoop.tasks.arith:ArithTask",
+    "sortcost": "sialoop.tasks.sortcost:SortCostTask",
 }
 
 
