@@ -66,7 +66,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path):
     result = runner.invoke(app, ["run", "--task", "nope", "--runs-dir", str(tmp_path / "r")])
     assert result.exit_code == 2 and "unknown task 'nope'" in result.output
     result = runner.invoke(app, ["run", "--task", "x.py:Y", "--runs-dir", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "task file x.py does not exist" in result.output
+    assert result.exit_code == 2 and "x.py does not exist" in result.output
     result = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no run at" in result.output
 
@@ -78,3 +78,16 @@ def test_doctor_names_the_fix(tmp_path: Path):
     assert result.exit_code == 1
     assert "FIX" in result.output and "--data" in result.output
     assert "torch" in result.output and "port" in result.output
+
+
+def test_default_toml_lists_every_key_with_its_default():
+    import tomllib
+
+    from sialoop.config import RunConfig, _known_keys
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+    text = path.read_text()
+    cfg = RunConfig.model_validate(tomllib.loads(text))
+    assert cfg.model_dump(exclude={"task"}) == RunConfig().model_dump(exclude={"task"})
+    for key in _known_keys(RunConfig):
+        assert key.split(".")[-1] in text, key

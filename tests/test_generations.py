@@ -142,3 +142,22 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
         v1 = store.version("v1")
         assert v1.detail["training"]["resumed_from_step"] > 0
         assert v1.status in ("accepted", "rejected")
+
+
+def test_a_run_that_cannot_go_on_ends_failed_with_its_reason(tmp_path: Path, tiny_model_dir: Path):
+    harness = tmp_path / "bad.py"
+    harness.write_text("def solve(instance):\n    return 1\n")
+    result = runner.invoke(app, _run_args(tmp_path, tiny_model_dir, "f", harness))
+    assert result.exit_code == 2 and "solve" in result.output
+    store = Store.open(tmp_path / "f")
+    info = store.run_info()
+    assert info.status == "failed" and "HarnessInvalid" in (info.reason or "")
+    report = runner.invoke(app, ["report", str(tmp_path / "f")])
+    assert "failed" in report.output and "HarnessInvalid" in report.output
+
+
+def _run_args(tmp_path: Path, model: Path, run_id: str, harness: Path) -> list[str]:
+    return [
+        *_args(tmp_path, model, run_id, "--set", "loop.generations=1"),
+        "--set", f"harness='{harness}'",
+    ]  # fmt: skip

@@ -73,3 +73,58 @@ def test_toy_task():
     assert task.score(inst, task.label(inst)).correct
     with pytest.raises(PermissionError):
         task.label(task.instances("test")[0])
+
+
+def test_tasks_come_from_a_registry_a_file_a_module_and_entry_points(tmp_path, monkeypatch):
+    from sialoop.errors import ConfigError
+    from sialoop.tasks import task_names
+    from sialoop.tasks.registry import resolve_task_class
+    from sialoop.tasks.toy import ToyTask
+
+    assert resolve_task_class("toy") is ToyTask
+    assert resolve_task_class("sialoop.tasks.toy:ToyTask") is ToyTask
+    example = Path(__file__).resolve().parents[1] / "examples" / "capitals.py"
+    capitals = load_task(f"{example}:Capitals", None)
+    assert capitals.name == "capitals" and capitals.metric.direction == "higher"
+    assert [i.id for i in capitals.instances("val")] == ["Chile", "Spain", "Cuba"]
+    with pytest.raises(PermissionError):
+        capitals.label(capitals.instances("test")[0])
+    # an installed package's entry point in the group sialoop.tasks
+    dist = tmp_path / "mytasks-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mytasks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[sialoop.tasks]\nmine = mytasks_mod:Mine\n")
+    (tmp_path / "mytasks_mod.py").write_text(
+        "from sialoop.tasks.toy import ToyTask\n\nclass Mine(ToyTask):\n    name = 'mine'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert task_names()["mine"] == "mytasks_mod:Mine"
+    assert load_task("mine", None).name == "mine"
+    for bad, needle in [
+        ("nope", "unknown task 'nope'"),
+        ("sialoop.tasks.toy:Nope", "no Task subclass named 'Nope'"),
+        ("no_such_module_x:Task", "cannot be imported"),
+        (f"{tmp_path / 'missing.py'}:X", "does not exist"),
+    ]:
+        with pytest.raises(ConfigError, match=needle) as err:
+            load_task(bad, None)
+        assert "\n" not in str(err.value)
+
+
+def test_lawbench_without_data_offline_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIALOOP_OFFLINE", "1")
+    monkeypatch.setenv("SIALOOP_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("SIALOOP_HOME", str(tmp_path / "home"))
+    from sialoop.errors import DataError
+
+    with pytest.raises(DataError, match="--data"):
+        load_task("lawbench", None)
+
+
+@pytest.mark.slow
+def test_lawbench_data_is_fetched_once_from_the_published_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIALOOP_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("SIALOOP_HOME", str(tmp_path / "home"))
+    task = load_task("lawbench", None)
+    assert task.summary()["test"] == 913 and task.summary()["classes"] == 191
+    assert (tmp_path / "home" / "data" / "lawbench-sia" / "test_labels.csv").is_file()

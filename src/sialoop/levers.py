@@ -188,7 +188,8 @@ class HarnessLever:
             )
         except HarnessInvalid as err:
             return broken(version, str(err))
-        smoke = rollout(ctx.rollout_ctx(version), ctx.task.instances("train")[:SMOKE_ITEMS])
+        items = ctx.task.instances("train")[:SMOKE_ITEMS] or ctx.task.instances("val")[:SMOKE_ITEMS]
+        smoke = rollout(ctx.rollout_ctx(version), items)
         failed = [t.error for t in smoke if t.error is not None]
         if failed:
             return broken(version, f"smoke run: {failed[0].kind}: {failed[0].message[:300]}")

@@ -114,6 +114,19 @@ def _declarations(store: Store, version: Version) -> Declarations:
         return Declarations()
 
 
+def _evidence_batch(ctx: LoopContext, g: int, incumbent: Version) -> list[Trajectory]:
+    """The incumbent on a train batch, k samples each; a task with no train split (a folder
+    without training data) shows the agent the incumbent's val trajectories, which the gate
+    reads anyway."""
+    cfg = ctx.cfg
+    batch = ctx.train_sample(cfg.loop.train_batch, seed=cfg.seed + g)
+    if not batch:
+        return _val(ctx, incumbent)
+    title = f"gen {g}: {incumbent.version_id} on train"
+    with phase_bar(ctx.console, title, len(batch) * cfg.loop.samples) as bar:
+        return rollout(ctx.rollout_ctx(incumbent), batch, bar, samples=cfg.loop.samples)
+
+
 def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Decision:
     stored = [d for d in ctx.store.decisions() if d.generation == g]
     if stored:
@@ -130,12 +143,7 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
         agent = feedback_agent(cfg)
         decision = agent.decide_before_rollout(past, budget, context, run_id=run_id, generation=g)
         if decision is None:
-            batch = ctx.train_sample(cfg.loop.train_batch, seed=cfg.seed + g)
-            title = f"gen {g}: {incumbent.version_id} on train"
-            with phase_bar(ctx.console, title, len(batch) * cfg.loop.samples) as bar:
-                trajectories = rollout(
-                    ctx.rollout_ctx(incumbent), batch, bar, samples=cfg.loop.samples
-                )
+            trajectories = _evidence_batch(ctx, g, incumbent)
             decision = agent.decide(
                 trajectories, past, budget, context, run_id=run_id, generation=g
             )

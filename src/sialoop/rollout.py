@@ -122,6 +122,8 @@ def rollout(
         for k in range(samples):
             if (instance.id, k) not in done:
                 todo.put((instance, k))
+    if todo.empty():
+        return [done[(i.id, k)] for i in instances for k in range(samples)]
     lock = threading.Lock()
     fresh: list[Trajectory] = []
 

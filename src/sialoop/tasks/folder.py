@@ -32,12 +32,10 @@ what the evaluator does per call (it is re-imported each time, its imports are n
 from __future__ import annotations
 
 import ast
-import csv
 import hashlib
 import json
 import pprint
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -50,9 +48,9 @@ from sialoop.errors import DataError
 from sialoop.records import Score
 from sialoop.tasks import folder_adapter
 from sialoop.tasks.base import ACCURACY, Instance, Metric, Split, Task
+from sialoop.tasks.folder_adapter import MAP_ID, MAP_LABEL, Table, read_table, table_text
 
 _TABLES = (".csv", ".json", ".jsonl")
-_MAP_ID, _MAP_LABEL = "id", "label"  # the columns a JSON {id: answer} object is read as
 _KEY_WORDS = ("KEY", "TOKEN", "SECRET")
 _ALWAYS_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 FOLDER_METRIC = ACCURACY.model_copy(
@@ -60,63 +58,10 @@ FOLDER_METRIC = ACCURACY.model_copy(
 )
 
 
-@dataclass(frozen=True)
-class Table:
-    """One data file read as rows; a JSON {id: answer} object is kind "map" (id, label)."""
-
-    path: Path
-    kind: str  # csv | json | jsonl | map
-    columns: tuple[str, ...]
-    rows: tuple[dict[str, Any], ...]
-
-    def ids(self, key: str) -> list[str]:
-        return [str(r.get(key)) for r in self.rows]
-
-
-def read_table(path: Path) -> Table | None:
-    """The rows of a CSV, JSON or JSON-lines file; None for anything that is not a table."""
-    try:
-        if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                rows = tuple(reader)
-                return Table(path, "csv", tuple(reader.fieldnames or ()), rows)
-        text = path.read_text(encoding="utf-8")
-        data = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if path.suffix == ".jsonl"
-            else json.loads(text)
-        )
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
-        return None
-    if isinstance(data, dict):
-        rows = tuple({_MAP_ID: k, _MAP_LABEL: v} for k, v in data.items())
-        return Table(path, "map", (_MAP_ID, _MAP_LABEL), rows)
-    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
-        columns = tuple(dict.fromkeys(k for r in data for k in r))
-        return Table(path, path.suffix.lstrip("."), columns, tuple(data))
-    return None
-
-
-def write_table(table: Table, rows: list[dict[str, Any]], dest: Path) -> None:
-    """`rows` in `table`'s format and column order."""
-    if table.kind == "csv":
-        with dest.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table.columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    elif table.kind == "map":
-        dest.write_text(json.dumps({r[_MAP_ID]: r[_MAP_LABEL] for r in rows}, ensure_ascii=False))
-    elif table.kind == "jsonl":
-        dest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    else:
-        dest.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
 def _id_key(table: Table, preferred: tuple[str, ...]) -> str | None:
     """The table's id column: a preferred name, else a unique-valued column named *id."""
     if table.kind == "map":
-        return _MAP_ID
+        return MAP_ID
     names = [c for c in preferred if c in table.columns]
     names += [c for c in table.columns if c.lower().endswith("id") and c not in names]
     for name in names:
@@ -133,6 +78,13 @@ def _rank(seed: int, ids: list[str]) -> list[str]:
 
 def _canon(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _same(pred: Any, gold: Any) -> bool:
+    """Exact match; a scalar compares as stripped text (CSV cells are text)."""
+    if isinstance(pred, dict | list) or isinstance(gold, dict | list):
+        return _canon(pred) == _canon(gold)
+    return pred is not None and str(pred).strip() == str(gold).strip()
 
 
 @dataclass(frozen=True)
@@ -213,7 +165,7 @@ def _label_keys(
     items: Table, answers: Table, answers_id: str, sample: tuple[str, ...]
 ) -> tuple[str, ...]:
     if answers.kind == "map":
-        return (_MAP_LABEL,)
+        return (MAP_LABEL,)
     for name in (*sample[1:2], "label", "answer"):
         if name in answers.columns:
             return (name,)
@@ -271,7 +223,12 @@ def _metric(root: Path) -> Metric:
 
 
 class FolderTask(Task):
-    """A SIA-layout task folder (see the module docstring for what it reads and guarantees)."""
+    """A SIA-layout task folder (see the module docstring for what it reads and guarantees).
+
+    An instance's inputs are its item's fields but the id (CSV cells are text); an output is
+    `{"label": ...}` (or a bare label), or `{"submission": <JSON>, "file": name}` for a folder
+    whose agent writes a JSON submission. The answers stay in this (trusted) object's memory.
+    """
 
     def __init__(self, task_dir: str | Path, *, seed: int = 0, val_fraction: float = 0.1):
         self.layout = discover(Path(task_dir))
@@ -395,7 +352,7 @@ class FolderTask(Task):
         csv_sub = bool(lay.sample) or lay.items.kind == "csv"
         if lay.evaluator is not None and (submission is not None or csv_sub):
             name, text = self._submission(instance, pred, output)
-            truth = _truth_text(lay.answers, answer)
+            truth = table_text(lay.answers, [answer])
             reply = self._evaluator.run(lay.answers.path, truth, name, text)
             if not reply.get("ok"):
                 log = str(reply.get("log", "")).strip().splitlines()
@@ -408,7 +365,7 @@ class FolderTask(Task):
                 detail["evaluator"] = {k: v for k, v in facts.items() if isinstance(v, int | float)}
         else:
             golds = gold.values() if isinstance(gold, dict) else [gold]
-            value = 1.0 if any(_canon(pred) == _canon(g) for g in golds) else 0.0
+            value = 1.0 if any(_same(pred, g) for g in golds) else 0.0
             detail["scorer"] = "exact_match"
         if instance.split != "test":
             detail["gold"] = gold
@@ -420,8 +377,8 @@ class FolderTask(Task):
             name = Path(str(output.get("file") or "submission.json")).name
             return name, json.dumps(output["submission"], ensure_ascii=False)
         id_col, label_col = self.layout.submission_columns
-        text = _csv_text([id_col, label_col], [{id_col: instance.id, label_col: pred}])
-        return "submission.csv", text
+        table = Table(Path("submission.csv"), "csv", (id_col, label_col), ())
+        return table.path.name, table_text(table, [{id_col: instance.id, label_col: pred}])
 
     def _value(self, facts: dict[str, Any]) -> float:
         for name in (self.metric.name, "accuracy", "score", "value"):
@@ -441,9 +398,11 @@ class FolderTask(Task):
         return (
             f"{text.rstrip()}\n\n## How sialoop runs this folder\n\n"
             f"Each instance is one item of `{lay.items.path.name}`: `instance['id']` and the "
-            f'fields {list(self._columns)}. Output: a dict with key "label" (the '
-            f"`{lay.submission_columns[1]}` column of a submission). `public/` holds the "
-            "folder's shared public files and the train rows with their labels.\n"
+            f'fields {list(self._columns)}. Output: {{"label": ...}} (the '
+            f"`{lay.submission_columns[1]}` column of a submission)"
+            + ("" if lay.items.kind == "csv" else ', or {"submission": <the JSON file>}')
+            + ". `public/` holds the folder's shared public files and the train rows with "
+            "their labels.\n"
         )
 
     def write_public(self, dest: Path) -> None:
@@ -461,17 +420,22 @@ class FolderTask(Task):
         train = {str(r[key]) for r in self._splits["train"]}
         for table in self.layout.training:
             rows = [r for r in table.rows if str(r[key]) in train]
-            write_table(table, rows, dest / table.path.name)
+            (dest / table.path.name).write_text(table_text(table, rows), encoding="utf-8")
 
     def private_paths(self) -> list[Path]:
+        """data/private and data/training_data (train rows reach a harness via public/ only),
+        the targets of symlinks inside them, and the evaluator's staging folder."""
         data = self.layout.root / "data"
-        paths = [data / "private", data / "training_data"]
-        for folder in paths[:]:
+        paths = [data / "private", data / "training_data", self._evaluator.staging]
+        for folder in paths[:2]:
             if folder.is_dir():
                 paths += [p.resolve() for p in folder.rglob("*") if p.is_symlink()]
         return paths
 
     def reference_harness(self) -> str:
+        """The reference agent's source, verbatim, then an adapter block: `FOLDER_VIEW` (how to
+        write a one-item dataset view) and `solve`, which runs the agent's `main()` on it via
+        `folder_adapter.run_reference_agent`. A DataError when the agent has no `main()`."""
         source = self.layout.agent.read_text(encoding="utf-8")
         try:
             tree = ast.parse(source)
@@ -520,22 +484,6 @@ class FolderTask(Task):
             "answers_file": lay.answers.path.name,
             "scorer": "evaluator" if lay.evaluator else "exact_match",
         }
-
-
-def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    with tempfile.SpooledTemporaryFile(mode="w+", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        f.seek(0)
-        return f.read()
-
-
-def _truth_text(answers: Table, row: dict[str, Any]) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / answers.path.name
-        write_table(answers, [row], path)
-        return path.read_text(encoding="utf-8")
 
 
 def _env_keys(tree: ast.Module) -> list[str]:

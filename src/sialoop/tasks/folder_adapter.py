@@ -1,6 +1,7 @@
 """Running a SIA-layout folder's own programs unchanged: its reference agent inside the sandbox
 worker (`run_reference_agent`, called by the harness `FolderTask.reference_harness` writes), and
-its evaluator outside it (`serve_evaluator`, the loop's side of which is `FolderTask.score`).
+its evaluator outside it (`EvaluatorProcess` over `serve_evaluator`, used by `FolderTask.score`);
+and reading and writing the folder's data files (`read_table`, `table_text`).
 
 The reference agent is a script (`--dataset_dir D --working_dir W`, writes `W/submission.csv`).
 `run_reference_agent` gives it a dataset view holding one item and runs its `main()` with:
@@ -40,6 +41,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -54,6 +56,63 @@ JSON_SUBMISSIONS = ("submission*.json", "results/*.json", "responses*.json", "re
 
 class AgentFailed(RuntimeError):
     """The reference agent exited with an error status or wrote no usable submission."""
+
+
+# -- the folder's data files ---------------------------------------------------------------------
+MAP_ID, MAP_LABEL = "id", "label"  # the columns a JSON {id: answer} object is read as
+
+
+@dataclass(frozen=True)
+class Table:
+    """One data file read as rows; a JSON {id: answer} object is kind "map" (id, label)."""
+
+    path: Path
+    kind: str  # csv | json | jsonl | map
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, Any], ...]
+
+    def ids(self, key: str) -> list[str]:
+        return [str(r.get(key)) for r in self.rows]
+
+
+def read_table(path: Path) -> Table | None:
+    """The rows of a CSV, JSON or JSON-lines file; None for anything that is not a table."""
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows = tuple(reader)
+                return Table(path, "csv", tuple(reader.fieldnames or ()), rows)
+        text = path.read_text(encoding="utf-8")
+        data = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
+        return None
+    if isinstance(data, dict):
+        rows = tuple({MAP_ID: k, MAP_LABEL: v} for k, v in data.items())
+        return Table(path, "map", (MAP_ID, MAP_LABEL), rows)
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        columns = tuple(dict.fromkeys(k for r in data for k in r))
+        return Table(path, path.suffix.lstrip("."), columns, tuple(data))
+    return None
+
+
+def table_text(table: Table, rows: list[dict[str, Any]]) -> str:
+    """`rows` as the text of a file in `table`'s format and column order."""
+    if table.kind == "csv":
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=list(table.columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    if table.kind == "map":
+        return json.dumps({r[MAP_ID]: r[MAP_LABEL] for r in rows}, ensure_ascii=False)
+    if table.kind == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return json.dumps(rows, ensure_ascii=False, indent=1)
 
 
 # -- the harness side: one instance through the agent's main() -------------------------------
@@ -72,18 +131,17 @@ def run_reference_agent(
     """
     if llm is None:
         raise AgentFailed("no policy endpoint: the reference agent needs an `llm` client")
-    base = Path(tempfile.mkdtemp(prefix="folder-", dir=Path.cwd()))
+    dataset = Path.cwd() / "sialoop-folder" / "dataset"
+    write_view(dataset, instance, view)
+    working = Path(tempfile.mkdtemp(prefix="working-", dir=dataset.parent))
     try:
-        dataset, working = base / "dataset", base / "working"
-        write_view(dataset, instance, view)
-        working.mkdir()
         argv = [view.get("agent_name", "agent.py"), "--dataset_dir", str(dataset)]
         argv += ["--working_dir", str(working)]
         with routed_clients(namespace, llm), _dummy_keys(view.get("env_keys", ())), _argv(argv):
             _call_main(main)
         return read_prediction(working, str(instance["id"]), view)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(working, ignore_errors=True)
 
 
 def _call_main(main: Callable[[], Any]) -> None:
@@ -95,35 +153,24 @@ def _call_main(main: Callable[[], Any]) -> None:
 
 
 def write_view(dataset: Path, instance: Mapping[str, Any], view: Mapping[str, Any]) -> None:
-    """`public/` mirrored by symlinks, plus the item file (and sample submission) for one item."""
-    dataset.mkdir(parents=True)
-    public = Path("public")
-    if public.is_dir():
-        for entry in sorted(public.iterdir()):
+    """`public/` mirrored by symlinks (made once per worker: the sandbox counts removing a link
+    as writing its target), plus the item file (and sample submission) for this one item."""
+    if not dataset.is_dir():
+        dataset.mkdir(parents=True)
+        public = Path("public")
+        for entry in sorted(public.iterdir()) if public.is_dir() else ():
             os.symlink(entry.resolve(), dataset / entry.name)
     id_key = view["id_key"]
     item_id: Any = int(instance["id"]) if view.get("id_type") == "int" else str(instance["id"])
     row = {k: (item_id if k == id_key else instance.get(k)) for k in view["columns"]}
-    target = dataset / view["input_file"]
-    if view["format"] == "csv":
-        _write_csv(target, list(view["columns"]), [row])
-    elif view["format"] == "jsonl":
-        target.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
-    else:
-        target.write_text(json.dumps([row], ensure_ascii=False, indent=1), encoding="utf-8")
+    items = Table(Path(view["input_file"]), view["format"], tuple(view["columns"]), ())
+    (dataset / items.path.name).write_text(table_text(items, [row]), encoding="utf-8")
     sample = view.get("sample_submission")
     if sample:
-        cells = {c: sample["placeholder"] for c in sample["columns"]} | {
-            sample["columns"][0]: item_id
-        }
-        _write_csv(dataset / sample["file"], list(sample["columns"]), [cells])
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[Mapping[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        cells = {c: sample["placeholder"] for c in sample["columns"]}
+        cells[sample["columns"][0]] = item_id
+        table = Table(Path(sample["file"]), "csv", tuple(sample["columns"]), ())
+        (dataset / table.path.name).write_text(table_text(table, [cells]), encoding="utf-8")
 
 
 def read_prediction(working: Path, item_id: str, view: Mapping[str, Any]) -> dict[str, Any]:
@@ -391,11 +438,14 @@ class EvaluatorProcess:
         self._root, self._timeout_s = Path(task_root), timeout_s
         self._proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
+        # The staged truth lives here, a private folder (mode 0700) the task denies harnesses.
+        self.staging = Path(tempfile.mkdtemp(prefix="sialoop-folder-eval-"))
+        weakref.finalize(self, shutil.rmtree, self.staging, True)
 
     def run(self, answers: Path, truth: str, name: str, submission: str) -> dict[str, Any]:
         """The reply for `submission` (file `name`) scored against a copy of the task root whose
         `answers` file holds `truth`: {"ok": True, "result": {...}} or {"ok": False, "error"}."""
-        with tempfile.TemporaryDirectory(prefix="sialoop-eval-") as tmp:
+        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
             root = self._stage(Path(tmp), Path(answers), truth)
             (root / "gen").mkdir()
             (root / "gen" / name).write_text(submission, encoding="utf-8")

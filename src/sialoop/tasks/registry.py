@@ -97,6 +97,8 @@ def resolve_task_class(spec: str) -> type[Task]:
 
 def build_task(cls: type[Task], **available: Any) -> Task:
     """`cls(**kwargs)` with the keywords its `__init__` accepts among `available`."""
+    if cls.__init__ is object.__init__:  # no __init__ of its own: it takes nothing
+        return cls()
     params = inspect.signature(cls.__init__).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in available.items() if takes_all or k in params}

@@ -91,9 +91,7 @@ class ArithTask(Task):
         return SPEC
 
     def instances(self, split: Split) -> list[Instance]:
-        return [
-            Instance(id=i, split=split, inputs={"question": q}) for i, q in self._rows[split]
-        ]
+        return [Instance(id=i, split=split, inputs={"question": q}) for i, q in self._rows[split]]
 
     def label(self, instance: Instance) -> str:
         """The gold number as text (the form answers take)."""

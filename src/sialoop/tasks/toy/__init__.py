@@ -1,5 +1,5 @@
 """The toy colours task (see task.py)."""
 
-from sialoop.tasks.toy.task import ToyTask
+from sialoop.tasks.toy.task import COLOURS, ToyTask
 
-__all__ = ["ToyTask"]
+__all__ = ["COLOURS", "ToyTask"]

@@ -19,7 +19,7 @@ KNOBS = {
 SIGNALS = {}
 ANSWER = "program"
 
-BUBBLE = '''
+BUBBLE = """
 def sort(items, less):
     items = list(items)
     for end in range(len(items) - 1, 0, -1):
@@ -31,9 +31,9 @@ def sort(items, less):
         if EARLY_EXIT and not swapped:
             break
     return items
-'''
+"""
 
-INSERTION = '''
+INSERTION = """
 def sort(items, less):
     out = []
     for item in items:
@@ -42,9 +42,9 @@ def sort(items, less):
             i -= 1
         out.insert(i, item)
     return out
-'''
+"""
 
-SELECTION = '''
+SELECTION = """
 def sort(items, less):
     items = list(items)
     for start in range(len(items) - 1):
@@ -54,9 +54,9 @@ def sort(items, less):
                 best = i
         items[start], items[best] = items[best], items[start]
     return items
-'''
+"""
 
-MERGE = '''
+MERGE = """
 def sort(items, less):
     items = list(items)
     if len(items) <= 1:
@@ -72,9 +72,9 @@ def sort(items, less):
             out.append(left[i])
             i += 1
     return out + left[i:] + right[j:]
-'''
+"""
 
-BINARY_INSERTION = '''
+BINARY_INSERTION = """
 def sort(items, less):
     out = []
     for item in items:
@@ -87,7 +87,7 @@ def sort(items, less):
                 low = mid + 1
         out.insert(low, item)
     return out
-'''
+"""
 
 LIBRARY = {
     "bubble": BUBBLE,
