@@ -54,7 +54,15 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path):
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["run", "--task", "lawbench", "--data", str(tmp_path), "--runs-dir", str(tmp_path / "runs")],
+        [
+            "run",
+            "--task",
+            "lawbench",
+            "--data",
+            str(tmp_path),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
     )
     assert result.exit_code == 2
     lines = [line for line in result.output.strip().splitlines() if line]

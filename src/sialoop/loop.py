@@ -35,14 +35,14 @@ from sialoop.tasks import Instance, Task, load_task
 
 def _val_split(task: Task, cfg: RunConfig) -> tuple[list[Instance], list[Instance]]:
     """The val items every version is scored on (a seeded sample of `split.val_size`) and the
-    holdout: up to `split.holdout_size` other val items the search never sees."""
+    holdout: up to `split.holdout_size` other val items, a seeded sample the search never sees."""
     val = task.instances("val")
-    order = list(range(len(val)))
-    random.Random(cfg.seed).shuffle(order)
-    n = len(val) if cfg.split.val_size == 0 else min(cfg.split.val_size, len(val))
-    used = sorted(order[:n]) if n < len(val) else list(range(len(val)))
-    held = sorted(order[n : n + cfg.split.holdout_size]) if n < len(val) else []
-    return [val[i] for i in used], [val[i] for i in held]
+    if cfg.split.val_size == 0 or cfg.split.val_size >= len(val):
+        return val, []
+    picked = set(random.Random(cfg.seed).sample(range(len(val)), cfg.split.val_size))
+    rest = [i for i in range(len(val)) if i not in picked]
+    held = random.Random(cfg.seed + 1).sample(rest, min(cfg.split.holdout_size, len(rest)))
+    return [val[i] for i in sorted(picked)], [val[i] for i in sorted(held)]
 
 
 def val_subset(task: Task, cfg: RunConfig) -> list[Instance]:
