@@ -132,16 +132,12 @@ class Task(ABC):
         return {}
 
     def write_public(self, dest: Path) -> None:
-        """Write the files a harness may read: the spec, the train split with its labels, and
-        `options.json` when instances share an option list (kept out of every train row)."""
+        """Write the files a harness may read: the spec and the train split with its labels
+        (one JSON line per instance: id, inputs, label). A task with more public files (an
+        option list shared by every instance, say) overrides this."""
         dest.mkdir(parents=True, exist_ok=True)
         (dest / "task.md").write_text(self.spec())
-        options = None
         with (dest / "train.jsonl").open("w") as out:
             for inst in self.instances("train"):
-                inputs = dict(inst.inputs)
-                options = inputs.pop("options", options)
-                row = {"id": inst.id, **inputs, "label": self.label(inst)}
+                row = {"id": inst.id, **inst.inputs, "label": self.label(inst)}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if options is not None:
-            (dest / "options.json").write_text(json.dumps(options, ensure_ascii=False))

@@ -139,6 +139,17 @@ class LawBenchTask(Task):
             detail["gold"] = gold
         return Score(value=1.0 if correct else 0.0, correct=correct, detail=detail)
 
+    def write_public(self, dest: Path) -> None:
+        """task.md, train.jsonl (id, text, label) and options.json: the 191 charges are kept
+        out of every train row, where they would be repeated 4,787 times."""
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "task.md").write_text(self.spec())
+        with (dest / "train.jsonl").open("w") as out:
+            for inst in self.instances("train"):
+                row = {"id": inst.id, "text": inst.inputs["text"], "label": self.label(inst)}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (dest / "options.json").write_text(json.dumps(self.classes, ensure_ascii=False))
+
     def reference_harness(self) -> str:
         return template_source(__package__, "fewshot.py")
 
