@@ -1,6 +1,7 @@
 """A Feedback-Agent plug-in for tests (`agents.feedback = "scripted_agents:weights_at_two"`):
-the offline agent, except that generation 2 pulls the weights lever, so that a run is sure to
-reach the trainer at a known point. It exercises the agents registry's `module:attr` path."""
+the offline agent, except that generation 2 pulls the weights lever with a `max_len` no
+completion fits in, so that every run reaches a failing trainer at a known point. It exercises
+the agents registry's `module:attr` path."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ class WeightsAtTwo:
             update={
                 "lever": Lever.weights,
                 "method": "sft",
-                "settings": {},
-                "rationale": "scripted: generation 2 pulls the weights lever",
+                "settings": {"max_len": 2},
+                "rationale": "scripted: generation 2 trains with max_len 2, which must fail",
             }
         )
 
