@@ -34,3 +34,16 @@ class WeightsAtTwo:
 
 def weights_at_two(cfg: Any) -> WeightsAtTwo:
     return WeightsAtTwo(FEEDBACK["offline"](cfg))
+
+
+class FailsAtThree(WeightsAtTwo):
+    """As `WeightsAtTwo`, and the agent itself fails at generation 3."""
+
+    def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        if kwargs.get("generation") == 3:
+            raise RuntimeError("scripted: the Feedback-Agent fails at generation 3")
+        return super().decide(*args, **kwargs)
+
+
+def fails_at_three(cfg: Any) -> FailsAtThree:
+    return FailsAtThree(FEEDBACK["offline"](cfg))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from sialoop.evaluator import best_version
 from sialoop.harness.knobs import read_declarations
 from sialoop.store import Store
 from sialoop.tasks import load_task
+from test_generations import _count
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,8 @@ def finished(request, tmp_path_factory, tiny_model_dir) -> tuple[str, Store]:
         request.param, request.param
     )
     extra = ["--set", "gate.cheaper=0.9"] if request.param != "arith" else []
+    if request.param == "capitals":  # and the Feedback-Agent itself fails at generation 3
+        extra += ["--set", "agents.feedback='scripted_agents:fails_at_three'"]
     if request.param == "toy":  # enough SFT for the tiny model to learn colours, if chosen
         extra += ["--set", "train.max_steps=30", "--set", "train.lr=0.003"]
     args = _args(tmp, tiny_model_dir, "r", task, *extra)
@@ -95,6 +97,9 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
     assert decisions[2].lever.value == "weights"
     assert v2.status == "broken" and "weights lever failed" in v2.detail["error"], v2.detail
     assert 3 in decisions
+    if name == "capitals":  # an agent's failure is a broken candidate, not a dead run
+        assert decisions[3].evidence["rule"] == "agent_error"
+        assert versions["v3"].status == "broken" and "RuntimeError" in versions["v3"].note
 
     # the gate read the metric's direction; the best version is the best by the metric
     for v in versions.values():
@@ -125,16 +130,6 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
         assert len(accepted) >= 2, "a better sort algorithm was found"  # v0 and a better one
     report = runner.invoke(app, ["report", str(store.root), "--json"])
     assert report.exit_code == 0 and '"best_holdout"' in report.output
-
-
-def _count(db: Path, sql: str) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as conn:
-            return conn.execute(sql).fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 def test_sigkill_during_a_program_task_then_resume(tmp_path: Path, tiny_model_dir: Path):
