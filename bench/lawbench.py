@@ -241,10 +241,21 @@ def main() -> None:
         runs[name] = launch(name, args.data, args.set)
     reference, reference_scores = classical(task, dupes, cfg)
     read = {name: from_run(Path(root), dupes) for name, root in runs.items() if Path(root).is_dir()}
+    # A row whose run directory is not here (an earlier session's) is kept as it was stored.
+    kept = {
+        name: {**row, "kept_from_earlier_session": True}
+        for name, row in previous.get("runs", {}).items()
+        if name not in read
+    }
     result = {
         "duplicates_in_test": len(dupes),
         "classical": reference,
-        "runs": {name: row for name, (row, _) in read.items()},
+        "runs": {**kept, **{name: row for name, (row, _) in read.items()}},
+        # Per-case test scores of each row read here, so a later run can be compared paired.
+        "test_per_case": {
+            **previous.get("test_per_case", {}),
+            **{name: sc for name, (_, sc) in read.items()},
+        },
     }
     result["test_common_n"] = on_common_cases(
         {"classical": reference, **{name: row["best"] for name, (row, _) in read.items()}},

@@ -33,6 +33,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _print_table(table: Any) -> None:
+    """A report table; piped output (CI logs, files) gets a width that fits its columns."""
+    out = console if console.is_terminal else Console(width=max(console.width, 150))
+    out.print(table)
+
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: key=value (dotted)")]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="data root the task reads")]
@@ -79,7 +85,7 @@ def run(
         **{"split.val_size": val_size, "eval_test": False if no_test else None},
     )
     root = run_loop(cfg, console, run_id)
-    console.print(report_table(report_data(Store.open(root))))
+    _print_table(report_table(report_data(Store.open(root))))
 
 
 @app.command()
@@ -94,7 +100,7 @@ def resume(
     from sialoop.store import Store
 
     root = resume_loop(run_dir, console, data)
-    console.print(report_table(report_data(Store.open(root))))
+    _print_table(report_table(report_data(Store.open(root))))
 
 
 @app.command("eval")
@@ -158,7 +164,7 @@ def report(
     if as_json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
     else:
-        console.print(report_table(data))
+        _print_table(report_table(data))
 
 
 @app.command()
