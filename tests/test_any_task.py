@@ -41,7 +41,12 @@ def _args(tmp: Path, model: Path, run_id: str, task: str, *extra: str) -> list[s
     ]  # fmt: skip
 
 
-KINDS = ["toy", "arith", "sortcost", "capitals", "folder", "folder-untrained"]
+# A folder without training data runs the loop in the slow suite; its task-level behaviour
+# (val/test halves, labels private) is in the fast one (tests/test_folder_task.py).
+KINDS = [
+    "toy", "arith", "sortcost", "capitals", "folder",
+    pytest.param("folder-untrained", marks=pytest.mark.slow),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -133,7 +138,11 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
 
 
 def test_sigkill_during_a_program_task_then_resume(tmp_path: Path, tiny_model_dir: Path):
-    args = _args(tmp_path, tiny_model_dir, "k", "sortcost", "--no-test")
+    args = [
+        *_args(tmp_path, tiny_model_dir, "k", "sortcost", "--no-test"),
+        "--set",
+        "loop.generations=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sialoop.cli", *args],

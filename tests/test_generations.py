@@ -27,9 +27,10 @@ def _args(tmp_path: Path, model: Path, run_id: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_three_generations_use_both_levers_and_the_gate_decides(
-    tmp_path: Path, tiny_model_dir: Path
-):
+def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny_model_dir: Path):
+    """Toy with real SFT: the weights lever (its rules fire on repeated confusions) improves the
+    tiny model, and the gate accepts and rejects. Harness candidates on toy are asserted by the
+    any-task run (tests/test_any_task.py)."""
     args = _args(
         tmp_path,
         tiny_model_dir,
@@ -45,9 +46,7 @@ def test_three_generations_use_both_levers_and_the_gate_decides(
     assert result.exit_code == 0, result.output
     store = Store.open(tmp_path / "r")
     decisions = [d for d in store.decisions() if d.generation > 0]
-    assert {d.lever.value for d in decisions} >= {"harness", "weights"}, [
-        d.rationale for d in decisions
-    ]
+    assert "weights" in {d.lever.value for d in decisions}, [d.rationale for d in decisions]
     statuses = {v.status for v in store.versions() if v.generation > 0}
     assert "accepted" in statuses and statuses & {"rejected", "broken"}, statuses
     for v in store.versions():
@@ -100,7 +99,10 @@ def _count(db: Path, sql: str) -> int:
         return 0
 
 
-@pytest.mark.parametrize("kill_point", ["rollout", "training"])
+# Killing a rollout is also tested on the program task in the fast suite (test_any_task.py).
+@pytest.mark.parametrize(
+    "kill_point", [pytest.param("rollout", marks=pytest.mark.slow), "training"]
+)
 def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path, kill_point: str):
     root = tmp_path / "r"
     db = root / "run.db"
