@@ -245,7 +245,7 @@ def test_templates_declare_and_validate(task: Task, tmp_path: Path):
     validate_harness(path, public_dir=public)
     if isinstance(task, ArithTask):
         assert declared.families == ["sampling", "prompt"]
-        assert declared.answer_key == "answer" and declared.signals["votes"].raises == "N_SAMPLES"
+        assert declared.answer_key == "answer" and declared.signals["votes"].kind == "ranking"
     else:
         assert declared.families == ["algorithm", "tuning"]
         assert declared.values == {"ALGORITHM": "bubble", "EARLY_EXIT": False}

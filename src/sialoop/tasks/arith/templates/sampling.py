@@ -19,7 +19,9 @@ KNOBS = {
     "PROMPT": {"family": "prompt", "choices": ["qa", "equation", "instruct"]},
     "N_SHOTS": {"family": "prompt", "int": [0, 6]},
 }
-SIGNALS = {"votes": {"kind": "alternative", "family": "sampling", "raises": "N_SAMPLES"}}
+# The votes are candidates, best first (their first is the answer itself, so they are no
+# alternative to it): gold missing from them points at sampling more widely.
+SIGNALS = {"votes": {"kind": "ranking", "family": "sampling"}}
 ANSWER = "answer"
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
