@@ -21,11 +21,10 @@ def best_version(store: Store) -> Version:
     accepted versions only improves by the gate's standard and its last link is the best. A
     higher raw val mean elsewhere in the chain is noise the gate already weighed.
     """
-    val = {e.version_id for e in store.evaluations("val")}
-    accepted = [v for v in store.versions() if v.status == "accepted" and v.version_id in val]
-    if not accepted:
+    found = store.incumbent()
+    if found is None:
         raise StoreError(f"run {store.root} has no accepted version scored on val yet")
-    return max(accepted, key=lambda v: (v.generation, v.created_at))
+    return found
 
 
 def evaluate_test(

@@ -3,7 +3,7 @@ items by more than noise, in the metric's direction, or matches it at a clearly 
 
 Pairing (`pair_units`): by instance ("items": samples of one instance averaged), or, when the
 task's noise model is "units", unit by unit from each score's `detail["units"]` (a mapping of
-unit name to value: repeated timings of a kernel, per-cell errors of a denoiser), keyed
+unit name to value: repeated measurements of one item, or its parts scored one by one), keyed
 `instance/unit`. Only keys both versions were rolled out on are compared.
 
 A value that was never computed (an error, a missing unit) is None, and in a pair a None is a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -139,32 +140,46 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
         samples=cfg.loop.samples,
     )
     past = history(ctx.store, ctx.task)
-    try:
-        agent = feedback_agent(cfg)
-        decision = agent.decide_before_rollout(past, budget, context, run_id=run_id, generation=g)
-        if decision is None:
-            trajectories = _evidence_batch(ctx, g, incumbent)
-            decision = agent.decide(
-                trajectories, past, budget, context, run_id=run_id, generation=g
-            )
-    except Exception as err:  # the agent's failure is this generation's broken candidate
-        decision = Decision(
-            run_id=run_id,
-            generation=g,
-            lever=Lever.harness,
-            rationale=f"The Feedback-Agent failed ({type(err).__name__}: {err}); no candidate.",
-            evidence={"rule": "agent_error", "error": traceback.format_exc(limit=4)[-1500:]},
-        )
-        candidate = Version(
-            version_id=f"v{g}", run_id=run_id, parent_id=incumbent.version_id, generation=g,
-            harness_path=incumbent.harness_path, adapter=incumbent.adapter,
-        )  # fmt: skip
-        ctx.store.put_version(broken(candidate, decision.rationale))
+    agent = feedback_agent(cfg)  # an unknown agent is the user's config error: the run stops
+
+    def ask(call: Callable[[], Decision | None]) -> Decision | None:
+        """The agent's answer; its failure is this generation's Decision and broken candidate
+        (only the agent's own call is caught, never the loop's rollout)."""
+        try:
+            return call()
+        except Exception as err:
+            return _agent_failed(ctx, g, incumbent, err)
+
+    decision = ask(
+        lambda: agent.decide_before_rollout(past, budget, context, run_id=run_id, generation=g)
+    )
+    if decision is None:
+        trajectories = _evidence_batch(ctx, g, incumbent)
+        decision = ask(
+            lambda: agent.decide(trajectories, past, budget, context, run_id=run_id, generation=g)
+        ) or _agent_failed(ctx, g, incumbent, TypeError("decide() returned no Decision"))
     ctx.store.add_decision(decision)
     ctx.console.print(
         f"[bold]gen {g} decision:[/] {decision.lever.value}"
         f"{' (' + decision.method + ')' if decision.method else ''} — {decision.rationale}"
     )
+    return decision
+
+
+def _agent_failed(ctx: LoopContext, g: int, incumbent: Version, err: Exception) -> Decision:
+    """The agent's failure as this generation's Decision and broken candidate."""
+    decision = Decision(
+        run_id=incumbent.run_id,
+        generation=g,
+        lever=Lever.harness,
+        rationale=f"The Feedback-Agent failed ({type(err).__name__}: {err}); no candidate.",
+        evidence={"rule": "agent_error", "error": traceback.format_exc(limit=4)[-1500:]},
+    )
+    candidate = Version(
+        version_id=f"v{g}", run_id=incumbent.run_id, parent_id=incumbent.version_id,
+        generation=g, harness_path=incumbent.harness_path, adapter=incumbent.adapter,
+    )  # fmt: skip
+    ctx.store.put_version(broken(candidate, decision.rationale))
     return decision
 
 

@@ -11,14 +11,6 @@ from rich.table import Table
 from sialoop.store import Store
 
 
-def _best(store: Store) -> str | None:
-    val = {e.version_id for e in store.evaluations("val")}
-    accepted = [v for v in store.versions() if v.status == "accepted" and v.version_id in val]
-    return (
-        max(accepted, key=lambda v: (v.generation, v.created_at)).version_id if accepted else None
-    )
-
-
 def report_data(store: Store) -> dict[str, Any]:
     info = store.run_info()
     versions = {v.version_id: v for v in store.versions()}
@@ -43,7 +35,8 @@ def report_data(store: Store) -> dict[str, Any]:
                 "forced": e.forced,
             }
         )
-    best = _best(store)
+    incumbent = store.incumbent()
+    best = incumbent.version_id if incumbent else None
     by_split = {r["split"]: r["value"] for r in rows if r["version"] == best and not r["forced"]}
     return {
         "run_id": info.run_id,

@@ -140,6 +140,12 @@ class Store:
         rows = self._rows("SELECT record FROM versions ORDER BY generation, rowid")
         return [Version.model_validate_json(r) for r in rows]
 
+    def incumbent(self) -> Version | None:
+        """The latest accepted version scored on val (see `evaluator.best_version`), or None."""
+        val = {e.version_id for e in self.evaluations("val")}
+        accepted = [v for v in self.versions() if v.status == "accepted" and v.version_id in val]
+        return max(accepted, key=lambda v: (v.generation, v.created_at)) if accepted else None
+
     def version(self, version_id: str) -> Version:
         rows = self._rows("SELECT record FROM versions WHERE version_id = ?", [version_id])
         if not rows:
