@@ -133,6 +133,11 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
     if name == "sortcost":
         assert metric.direction == "lower" and ev.tokens_per_item is not None
         assert len(accepted) >= 2, "a better sort algorithm was found"  # v0 and a better one
+    if name == "folder":  # the agent's own knob: answer the class a text names, no model call
+        better = [v for v in accepted if v.detail.get("knobs") == {"NAMED_FIRST": True}]
+        assert better and val[better[0].version_id] == 1.0, [v.note for v in versions.values()]
+        (cost,) = [e for e in store.evaluations("val") if e.version_id == better[0].version_id]
+        assert cost.tokens_per_item == 0
     report = runner.invoke(app, ["report", str(store.root), "--json"])
     assert report.exit_code == 0 and '"best_holdout"' in report.output
 

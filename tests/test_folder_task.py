@@ -48,7 +48,11 @@ AGENT = textwrap.dedent(
     BASE_URL = "https://api.example.invalid/v1"
     MODEL = "openai/gpt-oss-120b"
     MAX_TOKENS = 3
-    KNOBS = {"MAX_TOKENS": {"family": "sampling", "int": [1, 16]}}
+    NAMED_FIRST = False  # answer a class the text itself names, without asking the model
+    KNOBS = {  # the author's order: what to try first
+        "NAMED_FIRST": {"family": "extraction", "choices": [False, True]},
+        "MAX_TOKENS": {"family": "sampling", "int": [1, 16]},
+    }
     SCORER = openai.OpenAI(api_key="unused", base_url=BASE_URL)  # built at import time
 
 
@@ -68,6 +72,10 @@ AGENT = textwrap.dedent(
         rows = list(csv.DictReader(open(dataset / "test.csv")))
         predictions = []
         for row in rows:
+            named = [c for c in classes if c in row["text"]]
+            if NAMED_FIRST and named:
+                predictions.append((row["id"], named[0]))
+                continue
             shots = "".join(f"{r['text']} -> {r['label']}\\n" for r in train[:2])
             reply = client.chat.completions.create(
                 model=MODEL,
@@ -130,6 +138,11 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[object]]) -> None
         writer.writerows(rows)
 
 
+def _text(i: int) -> str:
+    """Item i's text; it names its class, so a harness that reads it can beat the model."""
+    return f"case {i}, a {CLASSES[i % 3]} one"
+
+
 def make_folder(
     root: Path, *, training: bool, evaluator: bool = True, agent: str = AGENT, n: int = 12
 ) -> Path:
@@ -137,15 +150,15 @@ def make_folder(
     public.mkdir(parents=True)
     (public / "task.md").write_text("# Tiny\n\nLabel each text alpha, beta or gamma.\n")
     (public / "classes.json").write_text(json.dumps(CLASSES))
-    _write_csv(public / "test.csv", ["id", "text"], [[i, f"case {i}"] for i in range(n)])
+    _write_csv(public / "test.csv", ["id", "text"], [[i, _text(i)] for i in range(n)])
     _write_csv(public / "sample_submission.csv", ["id", "label"], [[i, "alpha"] for i in range(n)])
     answers = [[i, CLASSES[i % 3], CANARY] for i in range(n)]
     _write_csv(private / "test.csv", ["id", "label", "note"], answers)
     if training:
-        rows = [[i, f"train case {i}", CLASSES[i % 3]] for i in range(20)]
-        rows.append([20, "case 0", "alpha"])  # a copy of test item 0: dropped from train
+        rows = [[i, f"train {_text(i)}", CLASSES[i % 3]] for i in range(20)]
+        rows.append([20, _text(0), "alpha"])  # a copy of test item 0: dropped from train
         _write_csv(root / "data/training_data/train.csv", ["id", "text", "label"], rows)
-        _write_csv(root / "data/training_data/test.csv", ["id", "text"], [[0, "case 0"]])
+        _write_csv(root / "data/training_data/test.csv", ["id", "text"], [[0, _text(0)]])
     if evaluator:
         (public / "evaluate.py").write_text(EVALUATOR)
     (root / "reference").mkdir()
@@ -170,7 +183,7 @@ def test_without_training_data_items_split_into_val_and_test_halves(plain: Folde
     assert len(val) == len(test) == 6
     assert {i.id for i in val} | {i.id for i in test} == {str(i) for i in range(12)}
     assert {i.id for i in val}.isdisjoint(i.id for i in test)
-    assert val[0].inputs == {"text": f"case {val[0].id}"}  # no id, no label
+    assert val[0].inputs == {"text": _text(int(val[0].id))}  # no id, no label
     again = FolderTask(plain.layout.root, seed=3)
     assert [i.id for i in again.instances("val")] == [i.id for i in val]
     other = FolderTask(plain.layout.root, seed=4)
@@ -316,7 +329,7 @@ def test_reference_harness_is_the_agent_verbatim_plus_solve(trained: FolderTask)
     tree = ast.parse(source)
     solve = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solve"]
     assert [a.arg for a in solve[0].args.args] == ["instance", "llm"]
-    assert list(read_declarations(source).knobs) == ["MAX_TOKENS"]  # the agent's own
+    assert list(read_declarations(source).knobs) == ["NAMED_FIRST", "MAX_TOKENS"]  # its own
     assert "TINY_API_KEY" in source.split("FOLDER_VIEW = ")[1]
 
 

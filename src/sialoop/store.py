@@ -192,8 +192,9 @@ class Store:
                 (call.call_id, call.episode_id, call.model_dump_json()),
             )
 
-    def episode_tokens(self, episode_id: str) -> int | None:
-        """Prompt plus completion tokens of an episode's recorded calls; None if it made none."""
+    def episode_tokens(self, episode_id: str) -> int:
+        """Prompt plus completion tokens of an episode's recorded calls: 0 if it made none, since
+        the policy endpoint that records them is a harness's only way to the model."""
         row = (
             self._connection()
             .execute(
@@ -204,7 +205,7 @@ class Store:
             )
             .fetchone()
         )
-        return int(row[1]) if row[0] else None
+        return int(row[1] or 0)
 
     def llm_calls(self, episode_id: str | None = None) -> list[LLMCall]:
         if episode_id is None:
