@@ -47,3 +47,22 @@ class FailsAtThree(WeightsAtTwo):
 
 def fails_at_three(cfg: Any) -> FailsAtThree:
     return FailsAtThree(FEEDBACK["offline"](cfg))
+
+
+class AlwaysWeights(WeightsAtTwo):
+    """The weights lever (SFT) at every generation, whatever the evidence says."""
+
+    def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        decision = self.inner.decide(*args, **kwargs)
+        return decision.model_copy(
+            update={
+                "lever": Lever.weights,
+                "method": "sft",
+                "settings": {},
+                "rationale": "scripted: weights at every generation",
+            }
+        )
+
+
+def always_weights(cfg: Any) -> AlwaysWeights:
+    return AlwaysWeights(FEEDBACK["offline"](cfg))

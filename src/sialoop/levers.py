@@ -196,6 +196,21 @@ class HarnessLever:
         return version
 
 
+def _weights_attempt(store: Store, parent: Version, decision: Decision) -> int:
+    """Earlier weights candidates of this method on this parent. A repeat draws other train
+    items and another seed, so it never trains a byte-identical adapter again."""
+    levers = {d.generation: d for d in store.decisions()}
+    return sum(
+        1
+        for v in store.versions()
+        if v.parent_id == parent.version_id
+        and v.generation < decision.generation
+        and (d := levers.get(v.generation)) is not None
+        and d.lever is decision.lever
+        and d.method == decision.method
+    )
+
+
 class WeightsLever:
     def make(
         self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str
@@ -203,7 +218,8 @@ class WeightsLever:
         from sialoop.train import LoraSettings, TrainSettings, grpo_groups, method, sft_examples
 
         cfg, store = ctx.cfg, ctx.store
-        items = ctx.train_sample(cfg.loop.train_items, seed=cfg.seed + 7919)
+        attempt = _weights_attempt(store, parent, decision)
+        items = ctx.train_sample(cfg.loop.train_items, seed=cfg.seed + 7919 + 104729 * attempt)
         k = cfg.loop.samples if decision.method == "grpo" else 1
         title = f"{parent.version_id} on train (for {decision.method})"
         with phase_bar(ctx.console, title, len(items) * k) as bar:
@@ -221,7 +237,7 @@ class WeightsLever:
                 "max_steps": t.max_steps,
                 "max_len": t.max_len,
                 "checkpoint_every": t.checkpoint_every,
-                "seed": cfg.seed,
+                "seed": cfg.seed + attempt,
                 "dtype": resolve_dtype(cfg.policy.dtype),
                 "init_adapter": str(init) if init is not None and init.is_dir() else None,
                 **decision.settings,
@@ -237,6 +253,6 @@ class WeightsLever:
             update={
                 "adapter": version_id,
                 "note": f"{summary.method} on {summary.examples} examples, {summary.steps} steps",
-                "detail": {"training": summary.model_dump(mode="json")},
+                "detail": {"training": summary.model_dump(mode="json"), "attempt": attempt},
             }
         )

@@ -9,7 +9,6 @@ the run, which then ends with status `failed` and the reason (`interrupted` on C
 
 from __future__ import annotations
 
-import random
 import time
 import traceback
 from collections.abc import Callable
@@ -18,41 +17,38 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sialoop import __version__
 from sialoop.agents.base import Budget, FeedbackContext, History, Outcome
 from sialoop.agents.registry import feedback_agent
 from sialoop.config import RunConfig
-from sialoop.evaluator import best_version, evaluate_test
+from sialoop.evaluator import (
+    best_version,
+    evaluate_test,
+    served_adapters,
+    val_split,
+    val_subset,
+)
 from sialoop.gate import GateSettings, gate
 from sialoop.harness.knobs import Declarations, KnobError, read_declarations
-from sialoop.harness.program import validate_harness
+from sialoop.harness.program import HarnessInvalid, validate_harness
 from sialoop.levers import LoopContext, broken, make_candidate
 from sialoop.policy.launch import serve_policy
 from sialoop.progress import phase_bar, spinner
 from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
 from sialoop.rollout import evaluate, rollout
+from sialoop.runlock import RunLock
 from sialoop.store import Store
-from sialoop.tasks import Instance, Task, load_task
-
-
-def _val_split(task: Task, cfg: RunConfig) -> tuple[list[Instance], list[Instance]]:
-    """The val items every version is scored on (a seeded sample of `split.val_size`) and the
-    holdout: up to `split.holdout_size` other val items, a seeded sample the search never sees."""
-    val = task.instances("val")
-    if cfg.split.val_size == 0 or cfg.split.val_size >= len(val):
-        return val, []
-    picked = set(random.Random(cfg.seed).sample(range(len(val)), cfg.split.val_size))
-    rest = [i for i in range(len(val)) if i not in picked]
-    held = random.Random(cfg.seed + 1).sample(rest, min(cfg.split.holdout_size, len(rest)))
-    return [val[i] for i in sorted(picked)], [val[i] for i in sorted(held)]
-
-
-def val_subset(task: Task, cfg: RunConfig) -> list[Instance]:
-    return _val_split(task, cfg)[0]
+from sialoop.tasks import Task, load_task
 
 
 def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + task.name
-    info = RunInfo(run_id=run_id, task=task.name, config=cfg.model_dump(mode="json"))
+    info = RunInfo(
+        run_id=run_id,
+        task=task.name,
+        config=cfg.model_dump(mode="json"),
+        sialoop_version=__version__,
+    )
     store = Store.create(cfg.runs_dir / run_id, info)
     task.write_public(store.path("public"))
     return store
@@ -71,7 +67,17 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
         harness_path=store.write_harness("v0", source),
         note="generation 0",
     )
-    validate_harness(store.path(version.harness_path), public_dir=store.path("public"))
+    copy = store.path(version.harness_path)
+    try:
+        validate_harness(copy, public_dir=store.path("public"))
+    except HarnessInvalid as err:
+        if cfg.harness is None:
+            raise
+        # the user fixes their own file, not the run's copy; a resume reads it again
+        message = str(err).replace(str(copy), str(cfg.harness))
+        if str(cfg.harness) not in message:
+            message = f"harness {cfg.harness}: {message}"
+        raise HarnessInvalid(message) from None
     store.put_version(version)
     return version
 
@@ -262,7 +268,7 @@ def _loop(ctx: LoopContext) -> None:
 
 def _holdout(ctx: LoopContext) -> None:
     """The best version on val items the search never used, once, so overfitting shows."""
-    held = _val_split(ctx.task, ctx.cfg)[1]
+    held = val_split(ctx.task, ctx.cfg)[1]
     best = best_version(ctx.store)
     done = {e.version_id for e in ctx.store.evaluations("holdout")}
     if held and best.version_id not in done:
@@ -270,35 +276,35 @@ def _holdout(ctx: LoopContext) -> None:
             evaluate(ctx.rollout_ctx(best), held, bar, split="holdout")
 
 
-def served_adapters(store: Store) -> dict[str, Path]:
-    """Every trained adapter of the run, by name, to serve on the endpoint."""
-    return {
-        v.adapter: store.path(f"adapters/{v.adapter}/adapter")
-        for v in store.versions()
-        if v.adapter != "base" and store.path(f"adapters/{v.adapter}/adapter").is_dir()
-    }
-
-
-def drive(store: Store, task: Task, cfg: RunConfig, console: Console) -> Path:
-    """Serve the policy, run (or continue) the loop, then score the best version on test.
-    The run's status says how it ended: finished, failed (with the reason) or interrupted."""
-    store.set_run_status("running")
-    try:
-        with ExitStack() as stack:
-            with spinner(console, "policy endpoint serving the base model"):
-                url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
-            ctx = LoopContext(store, task, cfg, url, console)
-            _loop(ctx)
-            _holdout(ctx)
-            if cfg.eval_test and not store.evaluations("test"):
-                evaluate_test(store, task, cfg, url, console)
-    except KeyboardInterrupt:
-        store.set_run_status("interrupted", f"stopped by the user; `sialoop resume {store.root}`")
-        raise
-    except BaseException as err:
-        store.set_run_status("failed", f"{type(err).__name__}: {err}"[:1000])
-        raise
-    store.set_run_status("finished")
+def drive(store: Store, task: Task, cfg: RunConfig, console: Console, lock: RunLock) -> Path:
+    """Serve the policy, run (or continue) the loop, then score the best version on test, all
+    under the run's lock (taken by the caller, released here). The run's status says how it
+    ended: finished, failed (with the reason) or interrupted (Ctrl-C; `resume` continues)."""
+    with lock:
+        store.set_run_status("running")
+        try:
+            with ExitStack() as stack:
+                with spinner(console, "policy endpoint serving the base model"):
+                    url = stack.enter_context(
+                        serve_policy(cfg.policy, store, served_adapters(store))
+                    )
+                ctx = LoopContext(store, task, cfg, url, console)
+                _loop(ctx)
+                _holdout(ctx)
+                if cfg.eval_test and not store.evaluations("test"):
+                    evaluate_test(store, task, cfg, url, console)
+        except KeyboardInterrupt:
+            store.set_run_status("interrupted", "stopped by the user (Ctrl-C)")
+            console.print(
+                f"[yellow]interrupted:[/] everything scored is kept; continue with "
+                f"`sialoop resume {store.root}`",
+                highlight=False,
+            )
+            raise
+        except BaseException as err:
+            store.set_run_status("failed", f"{type(err).__name__}: {err}"[:1000])
+            raise
+        store.set_run_status("finished")
     return store.root
 
 
@@ -317,14 +323,45 @@ def run(cfg: RunConfig, console: Console, run_id: str | None = None) -> Path:
     with spinner(console, f"task {task.name}: {task.summary()}"):
         store = new_run(cfg, task, run_id)
     console.print(f"run directory: {store.root}")
-    return drive(store, task, cfg, console)
+    return drive(store, task, cfg, console, RunLock(store.root, "run").acquire())
 
 
-def resume(root: Path, console: Console, data: Path | None = None) -> Path:
+def _nothing_left(store: Store, cfg: RunConfig) -> bool:
+    """A finished run has no generation, holdout or test score left to make."""
+    info = store.run_info()
+    if info.status != "finished":
+        return False
+    ran = max((d.generation for d in store.decisions()), default=0)
+    stopped = any(d.lever is Lever.stop for d in store.decisions())
+    more = not stopped and cfg.loop.generations > ran
+    return not more and (not cfg.eval_test or bool(store.evaluations("test")))
+
+
+def resume(
+    root: Path, console: Console, data: Path | None = None, config: RunConfig | None = None
+) -> Path:
+    """Continue a stopped, killed or failed run; `config` (the stored one with the changes a
+    resume may make) replaces the stored config for this and later resumes."""
     store = Store.open(root)
-    cfg = RunConfig.model_validate(store.run_info().config)
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": data})
-    task = _task(cfg)
+    lock = RunLock(store.root, "resume").acquire()  # refused at once if a writer is alive
+    try:
+        stored = RunConfig.model_validate(store.run_info().config)
+        cfg = config or stored
+        if data is not None:
+            cfg = cfg.model_copy(update={"data": data})
+        if _nothing_left(store, cfg):
+            console.print(
+                f"run {store.root} already finished; nothing to do (see `sialoop report "
+                f"{store.root}`, or raise --set loop.generations=N to go on)",
+                highlight=False,
+            )
+            lock.release()
+            return store.root
+        if cfg != stored:
+            store.set_run_config(cfg.model_dump(mode="json"))
+        task = _task(cfg)
+    except BaseException:
+        lock.release()
+        raise
     console.print(f"resuming {store.root}")
-    return drive(store, task, cfg, console)
+    return drive(store, task, cfg, console, lock)

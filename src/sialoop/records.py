@@ -53,11 +53,15 @@ class ErrorKind(StrEnum):
     killed = "killed"  # the worker died (signal, file-size limit, process limit)
     invalid_output = "invalid_output"  # not JSON-serialisable, or rejected by the task
     policy = "policy"  # the endpoint failed
+    setup = "setup"  # the harness's `setup()` raised or ran past its budget: no item was tried
 
 
 class RolloutError(Record):
     kind: ErrorKind
     message: str
+    # The machine's fault, not the harness's: a SIGKILL the worker did not ask for (the OOM
+    # killer, a kill from outside) or a timeout on a worker's first item after a (re)start.
+    infra: bool = False
 
 
 class Score(Record):
@@ -83,6 +87,7 @@ class Trajectory(Record):
     logs: str = ""
     seconds: float
     tokens: int | None = None  # prompt + completion tokens of the episode's LLM calls
+    attempts: int = 1  # 2: the first attempt failed for the machine's reasons and was retried
     created_at: float = Field(default_factory=time.time)
 
 
@@ -117,6 +122,8 @@ class Evaluation(Record):
     seconds_per_item: float | None = None  # mean harness seconds per trajectory
     tokens_per_item: float | None = None  # mean LLM tokens per trajectory (None: unknown)
     forced: bool = False  # a forced re-score of test (see `sialoop eval --force`)
+    infra_failures: int = 0  # items whose final error was the machine's (RolloutError.infra)
+    degraded: bool = False  # infra_failures above the allowed share: not a clean score
     detail: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 
@@ -146,6 +153,7 @@ class RunInfo(Record):
     run_id: str
     task: str
     config: dict[str, Any]
+    sialoop_version: str | None = None  # the package version that created the run
     status: str = "running"  # running | finished | failed | interrupted
     reason: str | None = None  # why a failed or interrupted run stopped
     created_at: float = Field(default_factory=time.time)

@@ -15,14 +15,26 @@ busy timeout); it is not meant for network file systems.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from sialoop.errors import StoreError
-from sialoop.records import Decision, Evaluation, LLMCall, RunInfo, Trajectory, Version
+from sialoop.records import (
+    SCHEMA_VERSION,
+    Decision,
+    Evaluation,
+    LLMCall,
+    RunInfo,
+    Trajectory,
+    Version,
+)
 
 DB_NAME = "run.db"
 
@@ -76,7 +88,35 @@ class Store:
     def open(cls, root: Path) -> Store:
         if not (root / DB_NAME).exists():
             raise StoreError(f"no run at {root}: pass a run directory made by `sialoop run`")
-        return cls(root)
+        store = cls(root)
+        store._check_schema()
+        return store
+
+    def _check_schema(self) -> None:
+        """A run written by another schema is refused in one line saying which wrote it."""
+        try:
+            rows = self._rows("SELECT record FROM runs")
+        except sqlite3.DatabaseError as err:
+            raise StoreError(
+                f"{self.root / DB_NAME} is not a readable run database: {err}"
+            ) from None
+        if not rows:
+            raise StoreError(f"{self.root / DB_NAME} holds no run record: start a new run")
+        raw = json.loads(rows[0])
+        found = raw.get("schema_version")
+        if found != SCHEMA_VERSION:
+            by = raw.get("sialoop_version") or "an unknown sialoop version"
+            raise StoreError(
+                f"run {self.root} was written by {by} with record schema {found}; this sialoop "
+                f"reads schema {SCHEMA_VERSION}: use the sialoop version that wrote it"
+            )
+        try:
+            RunInfo.model_validate(raw)
+        except ValidationError as err:
+            raise StoreError(
+                f"run {self.root}: its run record does not match schema {SCHEMA_VERSION} "
+                f"({err.errors()[0]['msg']}); use the sialoop version that wrote it"
+            ) from None
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -125,6 +165,14 @@ class Store:
             db.execute(
                 "UPDATE runs SET status = ?, record = ? WHERE run_id = ?",
                 (status, info.model_dump_json(), info.run_id),
+            )
+
+    def set_run_config(self, config: dict[str, Any]) -> None:
+        """The config a resume changed (model path, budget, generations), for later resumes."""
+        info = self.run_info().model_copy(update={"config": config})
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET record = ? WHERE run_id = ?", (info.model_dump_json(), info.run_id)
             )
 
     # -- versions ------------------------------------------------------------------------
