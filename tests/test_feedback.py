@@ -595,3 +595,16 @@ def test_the_agents_name_no_task_field_or_knob():
         text = (agents / name).read_text()
         for word in ('"ranked"', "prior_ranked", '"label"', "PRIOR_WEIGHT", "shortlist"):
             assert word not in text, f"{name} names {word}"
+
+
+def test_lever_minutes_start_from_config_and_then_follow_the_run():
+    from sialoop.agents.registry import feedback_agent
+    from sialoop.config import load_config
+
+    cfg = load_config(None, {"task": "toy", "agents.sft_minutes": 4.0, "agents.grpo_minutes": 8.0})
+    agent = feedback_agent(cfg)
+    guess = agent._minutes(History(outcomes=()))
+    assert (guess["sft"], guess["grpo"], guess["harness"]) == (4.0, 8.0, 5.0)
+    # one measured SFT attempt of 1.5 min: SFT's cost is that, GRPO's scales with it
+    ran = agent._minutes(History(outcomes=(outcome(Lever.weights, False, 0.0, 1.5, "sft"),)))
+    assert (ran["sft"], ran["grpo"], ran["harness"]) == (1.5, 3.0, 5.0)

@@ -147,15 +147,25 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
 
 
 def test_a_run_that_cannot_go_on_ends_failed_with_its_reason(tmp_path: Path, tiny_model_dir: Path):
+    # module-level code that fails passes the parse-only check before the run, and fails when
+    # generation 0 imports it in a worker: the run ends failed, naming the user's file
     harness = tmp_path / "bad.py"
-    harness.write_text("def solve(instance):\n    return 1\n")
+    harness.write_text(
+        "raise RuntimeError('boom at import')\ndef solve(instance, llm):\n    return 1\n"
+    )
     result = runner.invoke(app, _run_args(tmp_path, tiny_model_dir, "f", harness))
-    assert result.exit_code == 2 and "solve" in result.output
+    assert result.exit_code == 2 and "boom at import" in result.output, result.output
+    assert str(harness) in result.output and "v0.py" not in result.output, result.output
     store = Store.open(tmp_path / "f")
     info = store.run_info()
     assert info.status == "failed" and "HarnessInvalid" in (info.reason or "")
     report = runner.invoke(app, ["report", str(tmp_path / "f")])
     assert "failed" in report.output and "HarnessInvalid" in report.output
+    # the user fixes their own file and resumes: generation 0 reads it again
+    harness.write_text("def solve(instance, llm):\n    return {'label': 'red'}\n")
+    again = runner.invoke(app, ["resume", str(tmp_path / "f")])
+    assert again.exit_code == 0, again.output
+    assert Store.open(tmp_path / "f").run_info().status == "finished"
 
 
 def _run_args(tmp_path: Path, model: Path, run_id: str, harness: Path) -> list[str]:

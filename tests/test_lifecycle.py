@@ -91,7 +91,7 @@ def test_one_writer_per_run_and_a_status_that_tells_a_dead_writer(finished: Path
     try:
         assert holder(run) == f"pid {proc.pid} (run)"
         assert observed_status(run, "running", None) == ("running", None)
-        for command in (["resume", str(run)],):  # TEMP
+        for command in (["resume", str(run)], ["eval", str(run), "--split", "val"]):
             result = runner.invoke(app, command)
             assert result.exit_code == 2, result.output
             lines = result.output.strip().splitlines()

@@ -1,22 +1,55 @@
-"""The `sialoop` command line: run, eval, report, doctor, tasks."""
+"""The `sialoop` command line: run, resume, eval, report, runs, doctor, tasks."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import ExitStack
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from sialoop import __version__
 from sialoop.config import RunConfig, load_config, parse_override
-from sialoop.errors import SialoopError
+from sialoop.errors import ConfigError, SialoopError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+if TYPE_CHECKING:
+    from sialoop.store import Store
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="markdown",  # paragraphs reflow to the terminal width
+)
 console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sialoop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="show third-party progress bars and warnings"),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """sialoop: self-improving agents through the harness and the weights, in one loop."""
+    from sialoop.verbosity import set_verbose
+
+    set_verbose(verbose)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,7 +60,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except SialoopError as err:
-            console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -35,13 +68,48 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _print_table(table: Any) -> None:
     """A report table; piped output (CI logs, files) gets a width that fits its columns."""
-    out = console if console.is_terminal else Console(width=max(console.width, 150))
-    out.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = console.width
+    console.width = max(width, 150)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: key=value (dotted)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a config key: key=value (dotted); repeatable"),
+]
+ResumeSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="change what a stored run may change (policy.model, policy.threads, "
+        "policy.max_batch, loop.minutes, loop.generations, sandbox.workers, sandbox.timeout_s, "
+        "data): key=value; repeatable",
+    ),
+]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="data root the task reads")]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(help="a task name (see `sialoop tasks`), file.py:Class or module:Class"),
+]
+TaskDirOpt = Annotated[
+    Path | None, typer.Option("--task-dir", help="a task folder in SIA's layout")
+]
+RunDirArg = Annotated[Path, typer.Argument(help="a run directory")]
+
+
+def _quiet() -> None:
+    """Silence third-party progress bars and warnings unless `--verbose` (before they load)."""
+    from sialoop.progress import silence_third_party
+    from sialoop.verbosity import is_verbose
+
+    silence_third_party(is_verbose())
 
 
 def _config(config: Path | None, sets: list[str] | None, **flags: Any) -> RunConfig:
@@ -50,30 +118,45 @@ def _config(config: Path | None, sets: list[str] | None, **flags: Any) -> RunCon
     return load_config(config, overrides)
 
 
+def _final_table(root: Path) -> None:
+    """The run's report, also appended to its console.log."""
+    from sialoop.report import report_data, report_table
+    from sialoop.rundir import console_log
+    from sialoop.store import Store
+
+    with console_log(console, root):
+        _print_table(report_table(report_data(Store.open(root))))
+
+
 @app.command()
 @one_line_errors
 def run(
     config: ConfigOpt = None,
-    task: Annotated[
-        str | None,
-        typer.Option(help="a task name (see `sialoop tasks`), file.py:Class or module:Class"),
-    ] = None,
-    task_dir: Annotated[
-        Path | None, typer.Option("--task-dir", help="a task folder in SIA's layout")
-    ] = None,
+    task: TaskOpt = None,
+    task_dir: TaskDirOpt = None,
     data: DataOpt = None,
-    runs_dir: Annotated[Path | None, typer.Option(help="where run directories go")] = None,
-    val_size: Annotated[int | None, typer.Option(help="val items per version (0: all)")] = None,
-    run_id: Annotated[str | None, typer.Option(help="name of the run directory")] = None,
+    runs_dir: Annotated[
+        Path | None, typer.Option(help="where run directories go (default: runs)")
+    ] = None,
+    val_size: Annotated[
+        int | None, typer.Option(help="val items per version (0: all) (default: 150)")
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(help="name of the run directory: letters, digits, . _ - (default: time-task)"),
+    ] = None,
     no_test: Annotated[
         bool, typer.Option("--no-test", help="skip the final test evaluation")
     ] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the loop on a task and print the final table."""
+    """Run the loop on a task and print the final table.
+
+    Everything the run needs (config, paths, harness, model, data) is checked first, before a
+    run directory exists or a model loads.
+    """
     from sialoop.loop import run as run_loop
-    from sialoop.report import report_data, report_table
-    from sialoop.store import Store
+    from sialoop.preflight import check_run
 
     cfg = _config(
         config,
@@ -84,65 +167,64 @@ def run(
         runs_dir=runs_dir,
         **{"split.val_size": val_size, "eval_test": False if no_test else None},
     )
-    root = run_loop(cfg, console, run_id)
-    _print_table(report_table(report_data(Store.open(root))))
+    task = check_run(cfg, run_id)
+    _quiet()
+    _final_table(run_loop(cfg, console, run_id, task=task))
+
+
+def _stored(run_dir: Path, sets: list[str] | None, data: Path | None) -> tuple[Store, RunConfig]:
+    """The run's store and its config with the changes `--set` and `--data` make."""
+    from pydantic import ValidationError
+
+    from sialoop.preflight import resume_config
+    from sialoop.store import Store
+
+    store = Store.open(run_dir)
+    try:
+        stored = RunConfig.model_validate(store.run_info().config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"run {run_dir}: its stored config key '{where}' no longer validates "
+            f"({first['msg']}); use the sialoop version that wrote the run"
+        ) from None
+    return store, resume_config(stored, sets, data)
 
 
 @app.command()
 @one_line_errors
-def resume(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    data: DataOpt = None,
-) -> None:
+def resume(run_dir: RunDirArg, data: DataOpt = None, set_: ResumeSetOpt = None) -> None:
     """Continue a run that was stopped or killed at any point; prints the final table."""
     from sialoop.loop import resume as resume_loop
-    from sialoop.report import report_data, report_table
-    from sialoop.store import Store
+    from sialoop.preflight import finished_note
 
-    root = resume_loop(run_dir, console, data)
-    _print_table(report_table(report_data(Store.open(root))))
+    store, cfg = _stored(run_dir, set_, data)
+    note = finished_note(store, cfg)
+    if note is not None:
+        console.print(note, highlight=False, soft_wrap=True)
+        return
+    _quiet()
+    _final_table(resume_loop(store.root, console, config=cfg))
 
 
 @app.command("eval")
 @one_line_errors
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    split: Annotated[str, typer.Option(help="split to score; test is scored once")] = "test",
-    force: Annotated[bool, typer.Option(help="re-score test (marked in the report)")] = False,
+    run_dir: RunDirArg,
+    split: Annotated[str, typer.Option(help="split to score: val or test; test once")] = "test",
+    force: Annotated[bool, typer.Option(help="re-score (marked in the report)")] = False,
     data: DataOpt = None,
+    set_: ResumeSetOpt = None,
 ) -> None:
     """Score the run's best version on a split."""
-    from sialoop.errors import ConfigError
-    from sialoop.evaluator import best_version, evaluate_test
-    from sialoop.loop import served_adapters, val_subset
-    from sialoop.policy.launch import serve_policy
-    from sialoop.progress import phase_bar
-    from sialoop.rollout import RolloutContext, evaluate
-    from sialoop.store import Store
-    from sialoop.tasks import load_task
+    from sialoop.evaluator import score_split
 
-    store = Store.open(run_dir)
-    cfg = RunConfig.model_validate(store.run_info().config)
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": data})
     if split not in ("val", "test"):
         raise ConfigError(f"--split {split}: use val or test")
-    task = load_task(
-        cfg.task or "",
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.split.val_fraction,
-        task_dir=cfg.task_dir,
-    )
-    with ExitStack() as stack:
-        url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
-        if split == "test":
-            ev = evaluate_test(store, task, cfg, url, console, force=force)
-        else:
-            ctx = RolloutContext(store, task, best_version(store), url, cfg.sandbox)
-            instances = val_subset(task, cfg)
-            with phase_bar(console, "val", len(instances)) as advance:
-                ev = evaluate(ctx, instances, advance, forced=force)
+    store, cfg = _stored(run_dir, set_, data)
+    _quiet()
+    ev = score_split(store.root, split, console, force=force, config=cfg)
     shown = "n/a" if ev.value is None else f"{ev.value:.4f}"
     console.print(
         f"{ev.version_id} {ev.split} {ev.metric} = {shown} ({ev.direction} is better; "
@@ -153,7 +235,7 @@ def eval_(
 @app.command()
 @one_line_errors
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run_dir: RunDirArg,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Versions, splits, scores, n and seconds of a run."""
@@ -168,15 +250,113 @@ def report(
 
 
 @app.command()
-def doctor(data: DataOpt = None, runs_dir: Path = Path("runs")) -> None:
-    """Check torch, the model files, the data path, a free port and disk; say what to fix."""
-    from sialoop.doctor import run_checks
+@one_line_errors
+def runs(
+    folder: Annotated[Path, typer.Argument(help="a folder of run directories")] = Path("runs"),
+) -> None:
+    """List the runs in FOLDER: id, task, status, best val, test, minutes; newest last."""
+    from rich.table import Table
+
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder: pass the runs folder (`sialoop runs DIR`)")
+    rows = run_rows(folder)
+    if not rows:
+        console.print(f"no runs in {folder}", highlight=False)
+        return
+    columns = [
+        ("run", "left"), ("task", "left"), ("status", "left"),
+        ("best val", "right"), ("test", "right"), ("minutes", "right"), ("error", "left"),
+    ]  # fmt: skip
+    if not any(row[-1] for row in rows):
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
+    table = Table(box=None, pad_edge=False)
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=name == "run")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    _print_table(table)
+
+
+def _run_row(root: Path) -> tuple[float, list[str]]:
+    """(created_at, cells) of one run; a run that fails to open shows its error in the row."""
+    from sialoop.runlock import observed_status
+    from sialoop.store import Store
+
+    try:
+        store = Store.open(root)
+        info = store.run_info()
+        status, _ = observed_status(root, info.status, info.reason)
+        best = store.incumbent()
+        val = [e for e in store.evaluations("val") if best and e.version_id == best.version_id]
+        test = store.evaluations("test")
+        stamps = [info.created_at]
+        stamps += [r.created_at for r in [*store.versions(), *store.decisions()]]
+        stamps += [e.created_at for e in store.evaluations()]
+        store.close()
+    except Exception as err:  # a listing shows a broken run instead of stopping
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return float("inf"), [root.name, "", "unreadable", "", "", "", message]
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    cells = [
+        info.run_id if info.run_id == root.name else f"{root.name} ({info.run_id})",
+        info.task,
+        status,
+        shown(val[-1].value) if val else "-",
+        shown(test[-1].value) if test else "-",
+        f"{(max(stamps) - info.created_at) / 60:.1f}",
+        "",
+    ]
+    return info.created_at, cells
+
+
+def run_rows(folder: Path) -> list[list[str]]:
+    """Every run directory directly in `folder`, oldest first; other folders are skipped."""
+    from sialoop.store import DB_NAME
+
+    found = [_run_row(d) for d in folder.iterdir() if (d / DB_NAME).is_file()]
+    return [cells for _, cells in sorted(found, key=lambda row: row[0])]
+
+
+@app.command()
+def doctor(
+    task: TaskOpt = None,
+    task_dir: TaskDirOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: DataOpt = None,
+    runs_dir: Annotated[
+        Path | None, typer.Option(help="where run directories go (default: runs)")
+    ] = None,
+) -> None:
+    """Check what a run needs and say what to fix.
+
+    With --task, --task-dir or --config: what THAT run needs (config, data, harness, model,
+    tokenizer, LoRA targets, runs folder, sandbox, RAM, packages). Without: torch, the embedded
+    model, each built-in task's data, a port and disk.
+    """
+    from sialoop.doctor import Check, run_checks, run_checks_for
     from sialoop.paths import default_data_root
 
-    checks = run_checks(data or default_data_root(), runs_dir)
+    if task is None and task_dir is None and config is None and not set_:
+        checks = run_checks(data or default_data_root(), runs_dir or Path("runs"))
+    else:
+        try:
+            cfg = _config(config, set_, task=task, task_dir=task_dir, data=data, runs_dir=runs_dir)
+        except SialoopError as err:
+            checks = [Check(name="config", ok=False, detail=str(err), fix="see above")]
+        else:
+            _quiet()
+            checks = run_checks_for(cfg)
     for c in checks:
         mark = "[green]ok[/]  " if c.ok else "[red]FIX[/] "
-        console.print(f"{mark} {c.name:14} {c.detail}" + (f"  -> {c.fix}" if c.fix else ""))
+        console.print(
+            f"{mark} {c.name:14} {escape(c.detail)}" + (f"  -> {escape(c.fix)}" if c.fix else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 

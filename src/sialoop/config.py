@@ -6,6 +6,7 @@ the key and the fix; nothing falls back silently to a default.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +73,11 @@ class GateConfig(_Section):
 class AgentsConfig(_Section):
     feedback: str = "offline"  # the Feedback-Agent (agents/registry.py)
     meta: str = "offline"  # the Meta-Agent
+    # The first guess of one attempt's minutes, per lever; once the lever has history on this
+    # run, the run's own measured costs replace it.
+    harness_minutes: float = Field(default=5.0, gt=0)
+    sft_minutes: float = Field(default=20.0, gt=0)
+    grpo_minutes: float = Field(default=40.0, gt=0)
 
 
 class TrainConfig(_Section):
@@ -114,6 +120,11 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def known_keys() -> list[str]:
+    """Every dotted key of RunConfig, in declaration order."""
+    return _known_keys(RunConfig)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -124,12 +135,34 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def nearest_key(key: str) -> str | None:
+    """The known dotted key closest to `key` (a typo, or a key put in the wrong section)."""
+    known = _known_keys(RunConfig)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in known}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+def unknown_key_message(key: str) -> str:
+    near = nearest_key(key)
+    if near is not None:
+        return f"unknown config key '{key}': did you mean '{near}'?"
+    known = ", ".join(_known_keys(RunConfig))
+    return f"unknown config key '{key}': remove it or use one of: {known}"
+
+
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        known = ", ".join(_known_keys(RunConfig))
-        return f"unknown config key '{key}': remove it or use one of: {known}"
+        value = first.get("input")
+        if isinstance(value, dict) and value:  # an unknown section: name one key inside it
+            key = f"{key}.{next(iter(value))}"
+        return unknown_key_message(key)
     return (
         f"config key '{key}': {first['msg']} (got {first.get('input')!r}); fix the TOML or the flag"
     )
@@ -147,23 +180,48 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read `path` (TOML) if given, apply dotted `overrides`, validate; errors are one line."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist: pass an existing --config")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(tree, key, value)
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file `path` as a tree; a missing file, a folder, non-UTF-8 text or bad TOML is
+    one line naming the file and the fix."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: pass a TOML file with --config")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist: pass an existing --config")
     try:
-        config = RunConfig.model_validate(tree)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}): save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}): fix it") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def validate_tree(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Apply dotted `overrides` to a config tree and validate keys and types (no path is
+    looked at); errors are one line."""
+    known = set(_known_keys(RunConfig))
+    sections = {k.split(".", 1)[0] for k in known if "." in k}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in known and key not in sections:
+            raise ConfigError(unknown_key_message(key))
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def config_from_tree(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """`validate_tree`, then the paths it names exist; file paths become absolute."""
+    config = validate_tree(tree, overrides)
     if config.task_dir is not None and not config.task_dir.is_dir():
         raise ConfigError(f"--task-dir {config.task_dir} is not a folder: pass a task folder")
     if config.harness is not None and not config.harness.exists():
@@ -175,9 +233,17 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         )
     if config.task is None and config.task_dir is None:
         raise ConfigError("no task: pass --task NAME (see `sialoop tasks`) or --task-dir DIR")
+    update: dict[str, Any] = {}
     if config.task and ".py:" in config.task:  # a file task: resume may run from elsewhere
         where, attr = config.task.rsplit(":", 1)
-        config = config.model_copy(update={"task": f"{Path(where).resolve()}:{attr}"})
+        update["task"] = f"{Path(where).resolve()}:{attr}"
     if config.task_dir is not None:
-        config = config.model_copy(update={"task_dir": config.task_dir.resolve()})
-    return config
+        update["task_dir"] = config.task_dir.resolve()
+    if config.harness is not None:
+        update["harness"] = config.harness.resolve()
+    return config.model_copy(update=update) if update else config
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read `path` (TOML) if given, apply dotted `overrides`, validate; errors are one line."""
+    return config_from_tree(read_toml(path) if path is not None else {}, overrides)

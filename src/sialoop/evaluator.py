@@ -86,7 +86,8 @@ def evaluate_test(
     if cfg.split.test_size:
         instances = instances[: cfg.split.test_size]
     ctx = RolloutContext(store, task, version, policy_url, cfg.sandbox)
-    with phase_bar(console, f"test ({version.version_id})", len(instances)) as advance:
+    stored = [] if previous else store.stored_for(version.version_id, instances)
+    with phase_bar(console, f"test ({version.version_id})", len(instances), stored) as advance:
         return evaluate(ctx, instances, advance, forced=bool(previous))
 
 
@@ -126,5 +127,7 @@ def score_split(
                 return done[-1]  # val is scored once per version; --force re-scores it
             ctx = RolloutContext(store, task, version, url, cfg.sandbox)
             instances = val_subset(task, cfg)
-            with phase_bar(console, f"{version.version_id} on val", len(instances)) as advance:
+            stored = [] if force else store.stored_for(version.version_id, instances)
+            title = f"{version.version_id} on val"
+            with phase_bar(console, title, len(instances), stored) as advance:
                 return evaluate(ctx, instances, advance, forced=force)

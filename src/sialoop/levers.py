@@ -222,7 +222,8 @@ class WeightsLever:
         items = ctx.train_sample(cfg.loop.train_items, seed=cfg.seed + 7919 + 104729 * attempt)
         k = cfg.loop.samples if decision.method == "grpo" else 1
         title = f"{parent.version_id} on train (for {decision.method})"
-        with phase_bar(ctx.console, title, len(items) * k) as bar:
+        stored = store.stored_for(parent.version_id, items, k)
+        with phase_bar(ctx.console, title, len(items) * k, stored) as bar:
             rollout(ctx.rollout_ctx(parent), items, bar, samples=k)
         build = grpo_groups if decision.method == "grpo" else sft_examples
         examples = build(store, ctx.task, parent.version_id)

@@ -33,9 +33,11 @@ from sialoop.harness.knobs import Declarations, KnobError, read_declarations
 from sialoop.harness.program import HarnessInvalid, validate_harness
 from sialoop.levers import LoopContext, broken, make_candidate
 from sialoop.policy.launch import serve_policy
+from sialoop.preflight import finished_note
 from sialoop.progress import phase_bar, spinner
 from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
 from sialoop.rollout import evaluate, rollout
+from sialoop.rundir import console_log, remove_scratch, write_run_files
 from sialoop.runlock import RunLock
 from sialoop.store import Store
 from sialoop.tasks import Task, load_task
@@ -51,6 +53,7 @@ def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
     )
     store = Store.create(cfg.runs_dir / run_id, info)
     task.write_public(store.path("public"))
+    write_run_files(store.root, info.config, str(task.summary()))
     return store
 
 
@@ -74,9 +77,10 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
         if cfg.harness is None:
             raise
         # the user fixes their own file, not the run's copy; a resume reads it again
-        message = str(err).replace(str(copy), str(cfg.harness))
-        if str(cfg.harness) not in message:
-            message = f"harness {cfg.harness}: {message}"
+        user = str(cfg.harness)
+        message = str(err).replace(str(copy), user).replace(copy.name, cfg.harness.name)
+        if user not in message:
+            message = f"harness {user}: {message.removeprefix(cfg.harness.name + ': ')}"
         raise HarnessInvalid(message) from None
     store.put_version(version)
     return version
@@ -86,7 +90,8 @@ def _val(ctx: LoopContext, version: Version) -> list[Trajectory]:
     """The version's val trajectories, scoring what is missing (and storing the Evaluation)."""
     val = val_subset(ctx.task, ctx.cfg)
     if not any(e.version_id == version.version_id for e in ctx.store.evaluations("val")):
-        with phase_bar(ctx.console, f"{version.version_id} on val", len(val)) as bar:
+        stored = ctx.store.stored_for(version.version_id, val)
+        with phase_bar(ctx.console, f"{version.version_id} on val", len(val), stored) as bar:
             evaluate(ctx.rollout_ctx(version), val, bar)
     ids = {i.id for i in val}
     return [t for t in ctx.store.trajectories(version.version_id, "val") if t.instance_id in ids]
@@ -130,7 +135,8 @@ def _evidence_batch(ctx: LoopContext, g: int, incumbent: Version) -> list[Trajec
     if not batch:
         return _val(ctx, incumbent)
     title = f"gen {g}: {incumbent.version_id} on train"
-    with phase_bar(ctx.console, title, len(batch) * cfg.loop.samples) as bar:
+    stored = ctx.store.stored_for(incumbent.version_id, batch, cfg.loop.samples)
+    with phase_bar(ctx.console, title, len(batch) * cfg.loop.samples, stored) as bar:
         return rollout(ctx.rollout_ctx(incumbent), batch, bar, samples=cfg.loop.samples)
 
 
@@ -272,7 +278,11 @@ def _holdout(ctx: LoopContext) -> None:
     best = best_version(ctx.store)
     done = {e.version_id for e in ctx.store.evaluations("holdout")}
     if held and best.version_id not in done:
-        with phase_bar(ctx.console, f"{best.version_id} on the val holdout", len(held)) as bar:
+        title, stored = (
+            f"{best.version_id} on the val holdout",
+            ctx.store.stored_for(best.version_id, held),
+        )
+        with phase_bar(ctx.console, title, len(held), stored) as bar:
             evaluate(ctx.rollout_ctx(best), held, bar, split="holdout")
 
 
@@ -282,6 +292,7 @@ def drive(store: Store, task: Task, cfg: RunConfig, console: Console, lock: RunL
     ended: finished, failed (with the reason) or interrupted (Ctrl-C; `resume` continues)."""
     with lock:
         store.set_run_status("running")
+        remove_scratch(store.root)  # what a killed process left behind
         try:
             with ExitStack() as stack:
                 with spinner(console, "policy endpoint serving the base model"):
@@ -293,6 +304,8 @@ def drive(store: Store, task: Task, cfg: RunConfig, console: Console, lock: RunL
                 _holdout(ctx)
                 if cfg.eval_test and not store.evaluations("test"):
                     evaluate_test(store, task, cfg, url, console)
+                elif cfg.eval_test:
+                    _test_note(store, console)
         except KeyboardInterrupt:
             store.set_run_status("interrupted", "stopped by the user (Ctrl-C)")
             console.print(
@@ -304,8 +317,21 @@ def drive(store: Store, task: Task, cfg: RunConfig, console: Console, lock: RunL
         except BaseException as err:
             store.set_run_status("failed", f"{type(err).__name__}: {err}"[:1000])
             raise
+        finally:
+            remove_scratch(store.root)
         store.set_run_status("finished")
     return store.root
+
+
+def _test_note(store: Store, console: Console) -> None:
+    """Test is scored once per run; a run continued past it may have a new best version."""
+    scored, best = store.evaluations("test")[-1].version_id, best_version(store).version_id
+    if scored != best:
+        console.print(
+            f"test holds {scored}'s score, taken before this run went on; the best is now "
+            f"{best}: `sialoop eval {store.root} --split test --force` scores it (marked forced)",
+            highlight=False,
+        )
 
 
 def _task(cfg: RunConfig) -> Task:
@@ -318,23 +344,17 @@ def _task(cfg: RunConfig) -> Task:
     )
 
 
-def run(cfg: RunConfig, console: Console, run_id: str | None = None) -> Path:
-    task = _task(cfg)
+def run(
+    cfg: RunConfig, console: Console, run_id: str | None = None, task: Task | None = None
+) -> Path:
+    """A new run (of `task`, when the caller already loaded it from `cfg`), driven to its end."""
+    task = task or _task(cfg)
     with spinner(console, f"task {task.name}: {task.summary()}"):
         store = new_run(cfg, task, run_id)
-    console.print(f"run directory: {store.root}")
-    return drive(store, task, cfg, console, RunLock(store.root, "run").acquire())
-
-
-def _nothing_left(store: Store, cfg: RunConfig) -> bool:
-    """A finished run has no generation, holdout or test score left to make."""
-    info = store.run_info()
-    if info.status != "finished":
-        return False
-    ran = max((d.generation for d in store.decisions()), default=0)
-    stopped = any(d.lever is Lever.stop for d in store.decisions())
-    more = not stopped and cfg.loop.generations > ran
-    return not more and (not cfg.eval_test or bool(store.evaluations("test")))
+    lock = RunLock(store.root, "run").acquire()
+    with console_log(console, store.root):
+        console.print(f"run directory: {store.root}")
+        return drive(store, task, cfg, console, lock)
 
 
 def resume(
@@ -349,19 +369,18 @@ def resume(
         cfg = config or stored
         if data is not None:
             cfg = cfg.model_copy(update={"data": data})
-        if _nothing_left(store, cfg):
-            console.print(
-                f"run {store.root} already finished; nothing to do (see `sialoop report "
-                f"{store.root}`, or raise --set loop.generations=N to go on)",
-                highlight=False,
-            )
+        note = finished_note(store, cfg)
+        if note is not None:
+            console.print(note, highlight=False, soft_wrap=True)
             lock.release()
             return store.root
         if cfg != stored:
             store.set_run_config(cfg.model_dump(mode="json"))
+            write_run_files(store.root, cfg.model_dump(mode="json"), store.run_info().task)
         task = _task(cfg)
     except BaseException:
         lock.release()
         raise
-    console.print(f"resuming {store.root}")
-    return drive(store, task, cfg, console, lock)
+    with console_log(console, store.root):
+        console.print(f"resuming {store.root}")
+        return drive(store, task, cfg, console, lock)

@@ -232,6 +232,19 @@ class Store:
             Trajectory.model_validate_json(r) for r in self._rows(sql + " ORDER BY rowid", args)
         ]
 
+    def stored_for(
+        self, version_id: str, instances: Iterable[Any], samples: int = 1
+    ) -> list[Trajectory]:
+        """What a phase over `instances` (k samples each) will reuse: their stored trajectories."""
+        wanted = {(i.split, i.id) for i in instances}
+        splits = {split for split, _ in wanted}
+        return [
+            t
+            for split in sorted(splits)
+            for t in self.trajectories(version_id, split)
+            if (t.split, t.instance_id) in wanted and t.sample < samples
+        ]
+
     def record(self, call: LLMCall) -> None:
         """The policy endpoint's recorder: one LLM call, written as it is served."""
         with self.transaction() as db:

@@ -169,21 +169,29 @@ class OfflineFeedbackAgent:
     # -- costs and stopping -------------------------------------------------------------------
 
     def _minutes(self, history: History) -> dict[str, float]:
-        """Expected minutes per attempt: the mean of past attempts, else the settings' guess."""
+        """Expected minutes per attempt: the mean of this run's past attempts, else the
+        configured guess. A weights method without history is scaled from the other one's
+        measured minutes by the ratio of their guesses (the machine's speed is the same)."""
         s = self.settings
 
-        def mean(lever: Lever, method: str | None, default: float) -> float:
+        def mean(lever: Lever, method: str | None) -> float | None:
             past = [
                 o.minutes
                 for o in history.outcomes
                 if o.decision.lever is lever and (method is None or o.decision.method == method)
             ]
-            return sum(past) / len(past) if past else default
+            return sum(past) / len(past) if past else None
 
+        sft, grpo = mean(Lever.weights, "sft"), mean(Lever.weights, "grpo")
+        if sft is None and grpo is not None:
+            sft = grpo * s.sft_minutes / s.grpo_minutes
+        if grpo is None and sft is not None:
+            grpo = sft * s.grpo_minutes / s.sft_minutes
+        harness = mean(Lever.harness, None)
         return {
-            "harness": mean(Lever.harness, None, s.harness_minutes),
-            "sft": mean(Lever.weights, "sft", s.sft_minutes),
-            "grpo": mean(Lever.weights, "grpo", s.grpo_minutes),
+            "harness": s.harness_minutes if harness is None else harness,
+            "sft": s.sft_minutes if sft is None else sft,
+            "grpo": s.grpo_minutes if grpo is None else grpo,
         }
 
     def _lever_minutes(

@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 def _offline_feedback(cfg: RunConfig) -> FeedbackAgent:
     from sialoop.agents.feedback import OfflineFeedbackAgent, OfflineFeedbackSettings
 
-    return OfflineFeedbackAgent(OfflineFeedbackSettings(lever_patience=cfg.loop.lever_patience))
+    a = cfg.agents  # first guesses of a lever's minutes; measured ones replace them
+    settings = OfflineFeedbackSettings(
+        lever_patience=cfg.loop.lever_patience,
+        harness_minutes=a.harness_minutes,
+        sft_minutes=a.sft_minutes,
+        grpo_minutes=a.grpo_minutes,
+    )
+    return OfflineFeedbackAgent(settings)
 
 
 def _offline_meta(cfg: RunConfig) -> MetaAgent:
