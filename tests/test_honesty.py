@@ -7,6 +7,7 @@ from rich.console import Console
 
 from sialoop.config import load_config
 from sialoop.loop import drive, new_run
+from sialoop.runlock import RunLock
 from sialoop.tasks.toy import ToyTask
 from sialoop.train import sft_examples
 
@@ -28,7 +29,7 @@ def test_canary_test_label_is_never_seen(tmp_path: Path, tiny_model_dir: Path):
     })  # fmt: skip
     task = CanaryToy()
     store = new_run(cfg, task, "r")
-    drive(store, task, cfg, Console(quiet=True))
+    drive(store, task, cfg, Console(quiet=True), RunLock(store.root, "run").acquire())
     assert store.evaluations("test"), "the evaluator scored test"
     assert all(t.score is not None for t in store.trajectories(split="test"))
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from sialoop import __version__
 from sialoop.config import RunConfig, load_config, parse_override
 from sialoop.errors import ConfigError, SialoopError
+from sialoop.preflight import RESUMABLE_KEYS
 
 if TYPE_CHECKING:
     from sialoop.store import Store
@@ -88,9 +89,9 @@ ResumeSetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
-        help="change what a stored run may change (policy.model, policy.threads, "
-        "policy.max_batch, loop.minutes, loop.generations, sandbox.workers, sandbox.timeout_s, "
-        "data): key=value; repeatable",
+        help="change what a stored run may change ("
+        + ", ".join(RESUMABLE_KEYS)
+        + "): key=value; repeatable",
     ),
 ]
 DataOpt = Annotated[Path | None, typer.Option("--data", help="data root the task reads")]

@@ -40,7 +40,12 @@ class SplitConfig(_Section):
 class SandboxConfig(_Section):
     runtime: str = "subprocess"  # the harness runtime (harness/runtimes.py)
     workers: int = Field(default=2, ge=1, le=64)
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)  # per item, once the worker is ready
+    # a harness's one-time `setup()` each time a worker starts (an import, a fitted model)
+    setup_timeout_s: float = Field(default=600.0, gt=0)
+    # an evaluation whose items failed for the machine's reasons (after one retry) above this
+    # share is marked degraded, and the gate refuses to decide on it
+    degraded_share: float = Field(default=0.1, ge=0, le=1)
     memory_mb: int = Field(default=4096, ge=256)
     file_size_mb: int = Field(default=64, ge=1)
     max_processes: int = Field(default=64, ge=1)

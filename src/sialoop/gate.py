@@ -25,6 +25,11 @@ Defaults: alpha 0.1. Val subsets are small (about 150 items), so a 5% test would
 real gains of a few points; 10% one-sided bounds the false-acceptance rate per candidate. The
 final test score, taken once at the end, stays the unbiased estimate.
 
+Degraded evaluations: when more than `degraded_share` of either side's trajectories failed for
+the machine's reasons (`RolloutError.infra`: the OOM killer, a timeout on a fresh worker, after
+the sandbox's one retry), its score says more about the machine than the harness, and the gate
+refuses to decide: the candidate is rejected with a reason naming the share and the kinds.
+
 Not guaranteed: across many generations false acceptances add up (no multiple-testing
 correction); the bootstrap assumes pairs are exchangeable (units of one item are not
 independent, so the "units" model is optimistic when units share an item's noise).
@@ -45,6 +50,7 @@ from sialoop.tasks.base import ACCURACY, Metric
 
 _CHUNK = 1_000  # bootstrap resamples drawn at a time, to bound memory on large val sets
 _FEW_PAIRS = 10  # below this many pairs the sign test bounds the bootstrap's p from below
+DEGRADED_SHARE = 0.1  # the default of sandbox.degraded_share
 Noise = Literal["items", "units"]
 
 
@@ -58,6 +64,8 @@ class GateSettings(BaseModel):
     noise: Noise = "items"
     n_bootstrap: int = Field(default=10_000, ge=100)
     seed: int = 0
+    # More infrastructure failures than this share of a side's trajectories: no decision.
+    degraded_share: float = Field(default=DEGRADED_SHARE, ge=0, le=1)
 
 
 class GateResult(Record):
@@ -80,6 +88,25 @@ class GateResult(Record):
     margin: float  # min_gain
     alpha: float
     reason: str
+    degraded: bool = False  # refused: an evaluation had too many infrastructure failures
+
+
+def infra_failures(trajectories: Sequence[Trajectory]) -> int:
+    """Trajectories whose final error was the machine's, not the harness's."""
+    return sum(t.error is not None and t.error.infra for t in trajectories)
+
+
+def _degraded(side: str, trajectories: Sequence[Trajectory], share: float) -> str | None:
+    """Why `side`'s evaluation is degraded, or None when it is not."""
+    infra = [t.error.kind.value for t in trajectories if t.error is not None and t.error.infra]
+    if not trajectories or len(infra) <= share * len(trajectories):
+        return None
+    kinds = ", ".join(f"{kind} {infra.count(kind)}" for kind in sorted(set(infra)))
+    return (
+        f"the {side}'s val evaluation is degraded: {len(infra)} of {len(trajectories)} items "
+        f"({len(infra) / len(trajectories):.0%}) failed for the machine's reasons ({kinds}), "
+        f"above the allowed {share:.0%}"
+    )
 
 
 def _value(traj: Trajectory) -> float | None:
@@ -166,11 +193,21 @@ def gate(
     settings: GateSettings | None = None,
     metric: Metric = ACCURACY,
 ) -> GateResult:
-    """Accept the candidate when it is better beyond noise, or no worse and clearly cheaper."""
+    """Accept the candidate when it is better beyond noise, or no worse and clearly cheaper;
+    reject without a test when either side's evaluation is degraded."""
     s = settings or GateSettings()
+    common = {"direction": metric.direction, "margin": s.min_gain, "alpha": s.alpha}
+    why = _degraded("incumbent", incumbent, s.degraded_share) or _degraded(
+        "candidate", candidate, s.degraded_share
+    )
+    if why is not None:
+        return GateResult(
+            accepted=False, incumbent_score=None, candidate_score=None, delta=0.0, p_value=1.0,
+            test="none", n_paired=0, degraded=True, reason=f"rejected (no decision): {why}; "
+            "re-score it on a machine with room", **common,
+        )  # fmt: skip
     inc_units, cand_units = pair_units(incumbent, s.noise), pair_units(candidate, s.noise)
     shared = sorted(inc_units.keys() & cand_units.keys())
-    common = {"direction": metric.direction, "margin": s.min_gain, "alpha": s.alpha}
     if not shared:
         return GateResult(
             accepted=False, incumbent_score=None, candidate_score=None, delta=0.0, p_value=1.0,

@@ -203,6 +203,7 @@ def _gate_settings(ctx: LoopContext) -> GateSettings:
         noninferiority_margin=g.noninferiority_margin,
         cheaper=g.cheaper,
         noise=ctx.task.noise if g.noise == "task" else g.noise,
+        degraded_share=ctx.cfg.sandbox.degraded_share,
         seed=ctx.cfg.seed,
     )
 

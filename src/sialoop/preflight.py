@@ -44,6 +44,7 @@ RESUMABLE_KEYS = (
     "loop.generations",
     "sandbox.workers",
     "sandbox.timeout_s",
+    "sandbox.setup_timeout_s",
     "data",
 )
 

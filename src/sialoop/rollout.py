@@ -4,6 +4,15 @@ Each (instance, sample) becomes one stored Trajectory (one transaction), so a ru
 mid-rollout keeps every trajectory scored before the kill, and `rollout` skips those already
 stored. With `samples` k > 1 each instance is solved k times (a group; the harness sees
 `instance["sample"]`), which is what GRPO and the group-variance evidence read.
+
+Stopping: Ctrl-C (any exception in the calling thread) stops a rollout within seconds. No worker
+thread takes a new job, every sandbox is closed (its worker's process group killed), the threads
+are joined (bounded) and the exception goes on. What was stored stays; an item in flight is
+abandoned, not stored, so a resume runs it again.
+
+Degraded: an evaluation whose items failed for the machine's reasons (`RolloutError.infra`,
+after the sandbox's one retry) above `sandbox.degraded_share` of its trajectories is stored with
+`degraded=True`, and the gate refuses to decide on it.
 """
 
 from __future__ import annotations
@@ -13,18 +22,22 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sialoop.config import SandboxConfig
+from sialoop.gate import infra_failures
 from sialoop.harness.runtimes import harness_runtime
 from sialoop.harness.sandbox import SandboxLimits
 from sialoop.records import ErrorKind, Evaluation, RolloutError, Trajectory, Version, new_id
+from sialoop.runlock import LOCK_NAME
 from sialoop.store import DB_NAME, Store
 from sialoop.tasks.base import Instance, Task
 
 Progress = Callable[[Trajectory], None]
 Job = tuple[Instance, int]
+_POLL_S = 0.5  # how often the waiting thread wakes (a Ctrl-C lands between waits)
+_JOIN_S = 10.0  # after a stop, how long closed workers' threads get to return
 
 
 class RolloutContext:
@@ -42,12 +55,14 @@ class RolloutContext:
             db.with_name(DB_NAME + "-wal"),
             db.with_name(DB_NAME + "-shm"),
             store.path("adapters"),
+            store.path(LOCK_NAME),
         )
 
 
 def _limits(cfg: SandboxConfig) -> SandboxLimits:
     return SandboxLimits(
         timeout_s=cfg.timeout_s,
+        setup_timeout_s=cfg.setup_timeout_s,
         memory_mb=cfg.memory_mb,
         file_size_mb=cfg.file_size_mb,
         max_processes=cfg.max_processes,
@@ -65,43 +80,102 @@ def _score(task: Task, instance: Instance, trajectory: Trajectory) -> Trajectory
     return trajectory.model_copy(update={"score": score})
 
 
-def _worker_loop(ctx: RolloutContext, jobs: queue.Queue[Job], grouped: bool, on_done: Progress):
-    runtime = harness_runtime(ctx.sandbox.runtime)
-    with runtime(
-        ctx.harness_path,
-        policy_url=ctx.policy_url,
-        adapter=ctx.version.adapter,
-        limits=_limits(ctx.sandbox),
-        public_dir=ctx.store.path("public"),
-        scratch_root=ctx.store.path("scratch"),
-        deny_read=ctx.deny_read,
-    ) as sandbox:
-        while True:
-            try:
-                instance, sample = jobs.get_nowait()
-            except queue.Empty:
-                return
-            episode = new_id("ep")
-            inputs = instance.inputs | {"id": instance.id}
-            if grouped:
-                inputs["sample"] = sample
-            result = sandbox.solve(inputs, episode)
-            trajectory = Trajectory(
-                trajectory_id=episode,
-                run_id=ctx.run_id,
-                version_id=ctx.version.version_id,
-                split=instance.split,
-                instance_id=instance.id,
-                sample=sample,
-                output=result.output,
-                error=result.error,
-                logs=result.logs,
-                seconds=result.seconds,
-                tokens=ctx.store.episode_tokens(episode),
-            )
-            trajectory = _score(ctx.task, instance, trajectory)
-            ctx.store.add_trajectory(trajectory)
-            on_done(trajectory)
+class _Pool:
+    """The worker threads of one rollout, each with its own sandbox, and how to stop them."""
+
+    def __init__(
+        self, ctx: RolloutContext, jobs: queue.Queue[Job], grouped: bool, on_done: Progress
+    ):
+        self.ctx, self.jobs, self.grouped, self.on_done = ctx, jobs, grouped, on_done
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self._sandboxes: list[Any] = []
+        self._lock = threading.Lock()
+
+    def run(self, workers: int) -> None:
+        threads = [
+            threading.Thread(target=self._thread, name=f"rollout-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():  # a short wait at a time: KeyboardInterrupt lands here
+                    thread.join(_POLL_S)
+        except BaseException:
+            self.halt(threads)
+            raise
+        if self.errors:
+            raise self.errors[0]
+
+    def halt(self, threads: list[threading.Thread]) -> None:
+        """No new job; kill what is in flight; give the threads a bounded time to return."""
+        self.stop.set()
+        with self._lock:
+            live = list(self._sandboxes)
+        for sandbox in live:
+            sandbox.close()  # kills its worker's process group; an in-flight solve returns
+        deadline = time.monotonic() + _JOIN_S
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _thread(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:
+            if not self.stop.is_set():  # after a stop, a closed sandbox's error says nothing
+                self.errors.append(err)
+                self.stop.set()
+
+    def _serve(self) -> None:
+        ctx = self.ctx
+        runtime = harness_runtime(ctx.sandbox.runtime)
+        with runtime(
+            ctx.harness_path,
+            policy_url=ctx.policy_url,
+            adapter=ctx.version.adapter,
+            limits=_limits(ctx.sandbox),
+            public_dir=ctx.store.path("public"),
+            scratch_root=ctx.store.path("scratch"),
+            deny_read=ctx.deny_read,
+        ) as sandbox:
+            with self._lock:
+                self._sandboxes.append(sandbox)
+            while not self.stop.is_set():  # checked after registering: halt() sees it or we stop
+                try:
+                    instance, sample = self.jobs.get_nowait()
+                except queue.Empty:
+                    return
+                trajectory = self._solve(sandbox, instance, sample)
+                if self.stop.is_set():  # abandoned: a resume runs it again
+                    return
+                ctx.store.add_trajectory(trajectory)
+                self.on_done(trajectory)
+
+    def _solve(self, sandbox: Any, instance: Instance, sample: int) -> Trajectory:
+        ctx = self.ctx
+        episode = new_id("ep")
+        inputs = instance.inputs | {"id": instance.id}
+        if self.grouped:
+            inputs["sample"] = sample
+        result = sandbox.solve(inputs, episode)
+        trajectory = Trajectory(
+            trajectory_id=episode,
+            run_id=ctx.run_id,
+            version_id=ctx.version.version_id,
+            split=instance.split,
+            instance_id=instance.id,
+            sample=sample,
+            output=result.output,
+            error=result.error,
+            logs=result.logs,
+            seconds=result.seconds,
+            tokens=ctx.store.episode_tokens(episode),
+            attempts=getattr(result, "attempts", 1),  # a plug-in runtime may not retry
+        )
+        return _score(ctx.task, instance, trajectory)
 
 
 def rollout(
@@ -112,7 +186,7 @@ def rollout(
     samples: int = 1,
 ) -> list[Trajectory]:
     """Trajectories of `ctx.version` on `instances`, `samples` per instance, instance-major; with
-    `reuse`, stored ones are not rerun."""
+    `reuse`, stored ones are not rerun. A KeyboardInterrupt stops it (see the module docstring)."""
     done: dict[tuple[str, int], Trajectory] = {}
     if reuse and instances:
         stored = ctx.store.trajectories(ctx.version.version_id, instances[0].split)
@@ -133,13 +207,7 @@ def rollout(
         if on_done is not None:
             on_done(trajectory)
 
-    workers = min(ctx.sandbox.workers, max(1, todo.qsize()))
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [
-            pool.submit(_worker_loop, ctx, todo, samples > 1, record) for _ in range(workers)
-        ]
-        for future in futures:
-            future.result()
+    _Pool(ctx, todo, samples > 1, record).run(min(ctx.sandbox.workers, max(1, todo.qsize())))
     by_key = done | {(t.instance_id, t.sample): t for t in fresh}
     return [by_key[(i.id, k)] for i in instances for k in range(samples)]
 
@@ -155,6 +223,8 @@ def evaluate(
     when given, e.g. "holdout" for val items the search never used)."""
     start = time.monotonic()
     trajectories = rollout(ctx, instances, on_done, reuse=not forced)
+    infra = infra_failures(trajectories)
+    share = ctx.sandbox.degraded_share
     evaluation = Evaluation(
         run_id=ctx.run_id,
         version_id=ctx.version.version_id,
@@ -168,6 +238,8 @@ def evaluate(
         seconds_per_item=statistics.fmean(t.seconds for t in trajectories),
         tokens_per_item=_tokens_per_item(trajectories),
         forced=forced,
+        infra_failures=infra,
+        degraded=infra > share * len(trajectories),
         detail=_error_counts(trajectories),
     )
     ctx.store.add_evaluation(evaluation)
@@ -183,7 +255,11 @@ def _tokens_per_item(trajectories: list[Trajectory]) -> float | None:
 
 def _error_counts(trajectories: list[Trajectory]) -> dict[str, object]:
     counts: dict[str, int] = {}
+    infra: dict[str, int] = {}
     for t in trajectories:
         if t.error is not None:
             counts[t.error.kind.value] = counts.get(t.error.kind.value, 0) + 1
-    return {"errors": counts}
+            if t.error.infra:
+                infra[t.error.kind.value] = infra.get(t.error.kind.value, 0) + 1
+    retried = sum(t.attempts > 1 for t in trajectories)
+    return {"errors": counts, "infra_errors": infra, "retried": retried}

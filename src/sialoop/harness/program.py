@@ -1,5 +1,20 @@
 """A harness program: one Python file defining `solve(instance, llm) -> output`.
 
+The contract:
+- `solve(instance, llm)`: one instance (a JSON object) and an OpenAI client bound to the policy
+  endpoint (None when there is none); returns a JSON-serialisable output. Timed per instance.
+- `setup()` or `setup(cached)`, optional: the harness's one-time work (an import, a fitted
+  classifier, a compiled kernel). The sandbox worker calls it once after importing the file and
+  before any instance, under its own budget (`SandboxLimits.setup_timeout_s`), so no instance
+  pays for it. It takes no LLM. When it raises or runs out of time, every instance of that
+  sandbox fails at once with `ErrorKind.setup` and its message; it is not re-run per instance.
+  A worker is replaced after a timeout or a crash, and the new one runs setup again (again in
+  its own budget). To restart warm, take one parameter and return a picklable state:
+  `setup(cached)` gets None in a sandbox's first worker and, in a replacement, the unpickled
+  state the last fresh setup returned (kept under the sandbox's scratch directory, within
+  `file_size_mb`; types defined in the harness itself pickle too). A state that cannot be
+  pickled or read back is not an error: setup then simply gets None again.
+
 `load_harness` imports such a file in the current process (the sandbox worker uses it);
 `validate_harness` checks one from outside, importing it only inside a sandboxed worker.
 """
@@ -56,19 +71,55 @@ def check_solve(module: ModuleType) -> None:
         raise HarnessInvalid(f"`solve` has keyword-only parameters without defaults: {required}")
 
 
-def load_harness(path: str | Path) -> ModuleType:
+def _positional(fn: object, name: str) -> list[inspect.Parameter]:
+    if not callable(fn):
+        raise HarnessInvalid(f"`{name}` is a {type(fn).__name__}, not a function")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise HarnessInvalid(f"`{name}` must be a plain function, not async")
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError) as err:
+        raise HarnessInvalid(f"cannot read the signature of `{name}`: {err}") from err
+    required = [
+        p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty
+    ]
+    if required:
+        raise HarnessInvalid(f"`{name}` has keyword-only parameters without defaults: {required}")
+    return [p for p in params if p.kind in _POSITIONAL]
+
+
+def check_setup(module: ModuleType) -> None:
+    """Raise HarnessInvalid unless `module.setup` is absent, or a plain callable taking no
+    parameter or one (`cached`; see the module docstring)."""
+    setup = getattr(module, "setup", None)
+    if setup is None:
+        return
+    positional = _positional(setup, "setup")
+    if len(positional) > 1:
+        raise HarnessInvalid(
+            f"`setup` must take no parameter or one (cached); it takes {len(positional)}"
+        )
+
+
+def setup_takes_cached(setup: object) -> bool:
+    """Whether a checked `setup` takes the `cached` state."""
+    return len(_positional(setup, "setup")) == 1
+
+
+def load_harness(path: str | Path, name: str | None = None) -> ModuleType:
     """Import the harness file at `path` as a fresh module and check its `solve`.
 
     This runs the file's module-level code in the current process, unsandboxed: call it inside
     the sandbox worker, or on files you trust. Exceptions raised by that code propagate as they
     are (so the worker can tell a MemoryError from a crash); a missing file, a syntax error or
     a bad `solve` raise HarnessInvalid. The module is registered in `sys.modules` under a
-    unique name (dataclasses and pickle need that) and stays there.
+    unique name (dataclasses and pickle need that) and stays there; the worker passes a fixed
+    `name` so that a pickled setup state that refers to the harness's own types loads back.
     """
     path = Path(path)
     if not path.is_file():
         raise HarnessInvalid(f"harness file not found: {path}")
-    name = f"sialoop_harness_{uuid.uuid4().hex[:12]}"
+    name = name or f"sialoop_harness_{uuid.uuid4().hex[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise HarnessInvalid(f"cannot import {path} as a Python module")
@@ -85,6 +136,7 @@ def load_harness(path: str | Path) -> ModuleType:
         del sys.modules[name]
         raise
     check_solve(module)
+    check_setup(module)
     return module
 
 
@@ -100,8 +152,9 @@ def validate_harness(
 
     The import runs with `public_dir` linked in as `public/` (harnesses often read their train
     examples at import time) and with no policy endpoint: module-level code that calls the LLM
-    fails here. `limits` is a `SandboxLimits` (default: its defaults). A passing harness can
-    still fail on instances; the loop's smoke run is what checks `solve` itself.
+    fails here. `setup` is checked for its signature but not run. `limits` is a `SandboxLimits`
+    (default: its defaults). A passing harness can still fail on instances (or in setup); the
+    loop's smoke run is what checks `solve` itself.
     """
     # sandbox imports the worker, which imports this module: import it only when needed.
     from sialoop.harness.sandbox import Sandbox, SandboxLimits
@@ -121,6 +174,7 @@ def validate_harness(
             limits=limits or SandboxLimits(),
             public_dir=Path(public_dir) if public_dir is not None else None,
             scratch_root=Path(scratch),
+            run_setup=False,  # the smoke run pays for setup; checking the import is enough here
         )
         with sandbox:
             error = sandbox.start()

@@ -1,10 +1,25 @@
 """Run a harness's `solve` on many instances in one long-lived, limited child process.
 
 `Sandbox` starts one worker (`python -m sialoop.harness.worker`) per object, which imports the
-harness once, so module-level state (a fitted retriever, loaded examples) is reused across
-instances. Every failure becomes a `SandboxResult` with an `ErrorKind`; the loop never dies of
-a harness. After a timeout, a crash of the worker or a memory error the worker's whole process
-group is killed and a fresh worker is started for the next instance.
+harness once and runs its optional `setup` once (the contract is in `harness/program.py`), so
+module-level state (a fitted retriever, loaded examples) is reused across instances. Every
+failure becomes a `SandboxResult` with an `ErrorKind`; the loop never dies of a harness. After a
+timeout, a crash of the worker or a memory error the worker's whole process group is killed and
+a fresh worker is started for the next instance (setup runs again there, warm when it returned
+a state to cache, and never on an instance's clock).
+
+Setup: imports get `startup_timeout_s`, setup `setup_timeout_s`, instances `timeout_s`, each
+its own budget, and an instance's clock starts only once its worker is ready. A setup that
+raises, is refused by the guard, kills its worker or runs out of time answers every later
+instance of this Sandbox with ErrorKind.setup at once, without running again.
+
+Infrastructure failures (`RolloutError.infra`): a worker killed by SIGKILL that the sandbox
+did not send (the kernel's OOM killer, a kill from outside) and a timeout on the first instance
+of a freshly (re)started worker are the machine's fault, not the harness's. Such an instance is
+retried once in a fresh worker (`SandboxResult.attempts` = 2; the LLM calls of the failed
+attempt stay in the episode). A timeout in a warm worker, an exception, an invalid output or
+any other death is the harness's and is not retried. A harness that SIGKILLs itself is taken
+for the OOM killer: it is retried once, then recorded as an infrastructure failure.
 
 Guaranteed (for a harness that does not deliberately attack the sandbox):
 - Wall-clock `timeout_s` per instance, enforced by the parent: SIGKILL to the worker's whole
@@ -36,10 +51,11 @@ remains then is the resource limits and the process-group kill on timeout, which
 child that calls setsid(). RLIMIT_NPROC is not enforced by the kernel for root, and counts all
 of the user's tasks otherwise (the limit is headroom above the count when the worker starts).
 Files readable by the user outside the denied locations (secrets locations and the caller's
-`deny_read`: the loop passes the task's private data and the run's database) stay readable. Total disk usage is not limited, only the size
-of each file. Memory is address space, not resident memory, and does not cover the page cache.
-A harness can keep threads running after `solve` returns; their output lands in the next
-instance's logs.
+`deny_read`: the loop passes the task's private data, the run's database and its lock file) stay
+readable. Total disk usage is not limited, only the size of each file. Memory is address space,
+not resident memory, and does not cover the page cache. A harness can keep threads running after
+`solve` returns; their output lands in the next instance's logs. A cached setup state is a
+pickle the harness wrote and only its own next worker reads; the parent never loads it.
 """
 
 from __future__ import annotations
@@ -63,6 +79,7 @@ import sialoop
 from sialoop.errors import ConfigError, DataError
 from sialoop.harness.program import HarnessInvalid
 from sialoop.harness.worker import (
+    SETUP_STATE_NAME,
     PipeClosed,
     PipeTimeout,
     WorkerConfig,
@@ -106,6 +123,7 @@ class SandboxLimits(BaseModel):
     file_size_mb: int = Field(default=64, ge=1)  # largest file the worker may write
     max_processes: int = Field(default=64, ge=1)  # RLIMIT_NPROC headroom (not for root)
     startup_timeout_s: float = Field(default=120.0, gt=0)  # import of the harness
+    setup_timeout_s: float = Field(default=600.0, gt=0)  # the harness's `setup`, once per worker
     max_log_bytes: int = Field(default=16_000, ge=0)  # captured stdout+stderr per instance
     max_start_failures: int = Field(default=3, ge=1)  # consecutive, then stop retrying
 
@@ -116,7 +134,8 @@ class SandboxResult(Record):
     output: Any = None
     error: RolloutError | None = None
     logs: str = ""
-    seconds: float
+    seconds: float  # of the last attempt, from its worker being ready
+    attempts: int = 1  # 2 when the first failed for the machine's reasons (error.infra)
 
 
 class _WorkerGone(Exception):
@@ -159,8 +178,12 @@ def _death(code: int, during: str) -> RolloutError:
     if sig == signal.SIGXCPU:
         message = f"the worker hit its CPU-time backstop {during} (SIGXCPU)"
         return RolloutError(kind=ErrorKind.timeout, message=message)
+    if sig == signal.SIGKILL:  # the sandbox's own kills are timeouts and closes, told apart
+        message = (
+            f"the worker died of SIGKILL {during} (the kernel's OOM killer, or a kill from outside)"
+        )
+        return RolloutError(kind=ErrorKind.killed, message=message, infra=True)
     hint = {
-        signal.SIGKILL: " (the kernel's OOM killer, or a kill from outside)",
         signal.SIGXFSZ: " (file-size limit)",
         signal.SIGSEGV: " (native code crashed)",
         signal.SIGABRT: " (native code aborted)",
@@ -243,6 +266,7 @@ class Sandbox:
         public_dir: str | Path | None = None,
         scratch_root: str | Path,
         deny_read: tuple[str | Path, ...] = (),
+        run_setup: bool = True,
     ):
         self._harness = Path(harness_path).resolve()
         if not self._harness.is_file():
@@ -259,13 +283,19 @@ class Sandbox:
         self._dir = Path(scratch_root).resolve() / new_id("sandbox")
         self._dir.mkdir(parents=True)
         self._log = self._dir / "worker.log"
+        self._setup_state = self._dir / "setup-state.pkl"  # the harness's, never read here
+        self._run_setup = run_setup
         # Private task data and the run's own database hold labels a harness must not read.
         self._deny = _secret_paths() + tuple(str(Path(p).resolve()) for p in deny_read)
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
+        self._pending: _Worker | None = None  # starting (importing, in setup), not yet ready
+        self._served = 0  # instances the live worker has answered
         self._starts = 0
         self._start_failures = 0
         self._start_error: RolloutError | None = None
+        self._setup_error: RolloutError | None = None  # sticky: setup is not re-run per item
+        self._closing = False  # set without the lock by close(): its kill is no machine fault
         self._closed = False
 
     def __enter__(self) -> Sandbox:
@@ -300,31 +330,49 @@ class Sandbox:
         request = encode_frame(WorkerRequest(instance=instance, episode_id=episode_id))
         with self._lock:
             self._check_open()
-            self._clear_log()
-            started = time.monotonic()
-            error = self._ensure_worker()
-            if error is not None:
-                return self._result(None, error, started)
-            started = time.monotonic()
-            try:
-                reply = self._exchange(request)
-            except _WorkerGone as gone:
-                return self._result(None, gone.error, started)
-            if reply.restart:
-                self._stop_worker()
-            if reply.error is not None:
-                return self._result(None, reply.error, started)
-            if reply.output_json is None:  # our worker never sends this; a harness might
-                error = RolloutError(kind=ErrorKind.killed, message="the worker sent no output")
-                return self._result(None, error, started)
-            return self._result(json.loads(reply.output_json), None, started)
+            result = self._attempt(request)
+            if result.error is None or not result.error.infra:
+                return result
+            if self._closing:  # our own kill: not the machine's
+                return result.model_copy(
+                    update={"error": result.error.model_copy(update={"infra": False})}
+                )
+            first = result.error.message.splitlines()[0]
+            retried = self._attempt(request)
+            note = (
+                f"[sialoop sandbox] attempt 1 failed ({result.error.kind.value}: {first}); "
+                "retried once in a fresh worker\n"
+            )
+            return retried.model_copy(update={"attempts": 2, "logs": note + retried.logs})
+
+    def _attempt(self, request: bytes) -> SandboxResult:
+        self._clear_log()
+        started = time.monotonic()
+        error = self._ensure_worker()
+        if error is not None:
+            return self._result(None, error, started)
+        started = time.monotonic()  # the instance's clock starts once its worker is ready
+        try:
+            reply = self._exchange(request)
+        except _WorkerGone as gone:
+            return self._result(None, gone.error, started)
+        if reply.restart:
+            self._stop_worker()
+        if reply.error is not None:
+            return self._result(None, reply.error, started)
+        if reply.output_json is None:  # our worker never sends this; a harness might
+            error = RolloutError(kind=ErrorKind.killed, message="the worker sent no output")
+            return self._result(None, error, started)
+        return self._result(json.loads(reply.output_json), None, started)
 
     def close(self) -> None:
         """Kill the worker (an in-flight `solve` returns ErrorKind.killed) and delete the
-        sandbox's scratch files. Idempotent."""
-        worker = self._worker
-        if worker is not None:
-            worker.signal_group()  # without the lock, so an in-flight solve ends now
+        sandbox's scratch files. Idempotent; safe from another thread, and quick: a worker still
+        starting or in setup is killed too."""
+        self._closing = True
+        for worker in (self._worker, self._pending):
+            if worker is not None:
+                worker.signal_group()  # without the lock, so an in-flight solve ends now
         with self._lock:
             self._closed = True
             self._stop_worker()
@@ -336,6 +384,8 @@ class Sandbox:
             raise RuntimeError("this Sandbox is closed")
 
     def _ensure_worker(self) -> RolloutError | None:
+        if self._setup_error is not None:
+            return self._setup_error
         if self._worker is not None:
             if self._worker.proc.poll() is None:
                 return None
@@ -362,6 +412,9 @@ class Sandbox:
             workdir=str(workdir),
             timeout_s=limits.timeout_s,
             startup_timeout_s=limits.startup_timeout_s,
+            setup_timeout_s=limits.setup_timeout_s,
+            run_setup=self._run_setup,
+            setup_cache=str(self._setup_state) if self._setup_state.is_file() else None,
             memory_mb=limits.memory_mb,
             file_size_mb=limits.file_size_mb,
             max_processes=limits.max_processes,
@@ -376,26 +429,58 @@ class Sandbox:
             (workdir / "public").symlink_to(self._public, target_is_directory=True)
         config = self._worker_config(workdir)
         worker = _Worker(config, _worker_env(workdir), self._log)
-        deadline = time.monotonic() + self._limits.startup_timeout_s
+        self._pending = worker  # close() kills it from another thread
+        if self._closing:  # close() ran before it could see this worker
+            worker.signal_group()
         try:
+            error = self._handshake(worker, config)
+        finally:
+            self._pending = None
+        if error is not None:
+            if error.kind is ErrorKind.setup:
+                self._setup_error = error
+            return error
+        state = workdir / SETUP_STATE_NAME
+        if state.is_file():  # only a fresh setup's state is pickled; keep it for restarts
+            with contextlib.suppress(OSError):
+                os.replace(state, self._setup_state)
+        self._worker, self._served = worker, 0
+        return None
+
+    def _handshake(self, worker: _Worker, config: WorkerConfig) -> RolloutError | None:
+        """Send the config, then wait for the import (`startup_timeout_s`) and for setup
+        (`setup_timeout_s`); why the worker is not ready (it is stopped then), or None."""
+        limits, during = self._limits, "while starting"
+        try:
+            deadline = time.monotonic() + limits.startup_timeout_s
             write_frame(worker.request_fd, encode_frame(config), deadline)
             reply = WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
+            if reply.error is None:
+                during = "during setup"
+                deadline = time.monotonic() + limits.setup_timeout_s
+                reply = WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
         except PipeTimeout:
             worker.stop()
+            if during == "during setup":
+                message = f"setup did not finish within {limits.setup_timeout_s:g} s"
+                return RolloutError(kind=ErrorKind.setup, message=message)
             message = (
-                f"the worker did not start within {self._limits.startup_timeout_s:g} s "
-                "(slow module-level code in the harness?)"
+                f"the worker did not start within {limits.startup_timeout_s:g} s "
+                "(slow module-level code in the harness? one-time work belongs in `setup`)"
             )
             return RolloutError(kind=ErrorKind.timeout, message=message)
         except (PipeClosed, ValidationError):
-            error = _death(worker.stop(_EXIT_GRACE_S), "while starting")
+            error = _death(worker.stop(_EXIT_GRACE_S), during)
             last = self._read_log().strip().splitlines()[-1:]  # often the reason, e.g. a traceback
             note = f"; last log line: {last[0][:300]}" if last else ""
-            return error.model_copy(update={"message": error.message + note})
+            error = error.model_copy(update={"message": error.message + note})
+            if during == "during setup" and not error.infra and not self._closing:
+                message = f"setup failed ({error.kind.value}): {error.message}"
+                return RolloutError(kind=ErrorKind.setup, message=message)
+            return error
         if reply.error is not None:
             worker.stop(_EXIT_GRACE_S)
             return reply.error
-        self._worker = worker
         return None
 
     def _exchange(self, request: bytes) -> WorkerReply:
@@ -404,17 +489,21 @@ class Sandbox:
         deadline = time.monotonic() + self._limits.timeout_s
         try:
             write_frame(worker.request_fd, request, deadline)
-            return WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
+            reply = WorkerReply.model_validate_json(read_frame(worker.reply_fd, deadline))
         except PipeTimeout:
+            cold = self._served == 0  # a fresh worker's first instance: the machine, maybe
             self._stop_worker()
             message = (
-                f"no answer within {self._limits.timeout_s:g} s; "
-                "the worker's process group was killed"
+                f"no answer within {self._limits.timeout_s:g} s"
+                f"{' on a fresh worker' if cold else ''}; the worker's process group was killed"
             )
-            raise _WorkerGone(RolloutError(kind=ErrorKind.timeout, message=message)) from None
+            error = RolloutError(kind=ErrorKind.timeout, message=message, infra=cold)
+            raise _WorkerGone(error) from None
         except (PipeClosed, ValidationError):
             code = self._stop_worker(_EXIT_GRACE_S)
             raise _WorkerGone(_death(code, "during the instance")) from None
+        self._served += 1
+        return reply
 
     def _stop_worker(self, grace_s: float = 0.0) -> int:
         worker, self._worker = self._worker, None

@@ -7,8 +7,10 @@ installs `AuditGuard` (from `sialoop.harness.guard`). It then serves one request
 the request pipe closes.
 
 The wire format is a 4-byte big-endian length followed by one JSON document: first a
-`WorkerConfig` from the parent and a `WorkerReply` (ready, or why not) back, then one
-`WorkerRequest` and one `WorkerReply` per instance. The harness's stdout and stderr never carry
+`WorkerConfig` from the parent and a `WorkerReply` back (imported, or why not), then a second
+`WorkerReply` when the harness's `setup` has run (ready, or why not; sent at once for a harness
+without one), then one `WorkerRequest` and one `WorkerReply` per instance. The parent gives the
+import `startup_timeout_s` and setup `setup_timeout_s`, each its own budget. The harness's stdout and stderr never carry
 protocol data: they go to a log file the parent reads. Both ends of the framing live here: the
 worker's blocking reads and writes, and the parent's deadline-aware ones that `Sandbox` uses.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import resource
 import select
 import signal
@@ -30,13 +33,14 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
+from types import ModuleType
 from typing import Any
 
 import openai
 from pydantic import BaseModel, ConfigDict
 
 from sialoop.harness.guard import AuditGuard, install_guard
-from sialoop.harness.program import HarnessInvalid, load_harness
+from sialoop.harness.program import HarnessInvalid, load_harness, setup_takes_cached
 from sialoop.records import ErrorKind, RolloutError
 
 HEADER = struct.Struct(">I")
@@ -48,6 +52,9 @@ API_KEY = "sialoop"  # the endpoint is on loopback; the key only satisfies the c
 _MB = 2**20
 _TRACEBACK_FRAMES = 6
 _TRACEBACK_CHARS = 2000
+# The harness module's name in the worker: fixed, so a pickled setup state naming its types loads.
+HARNESS_MODULE = "sialoop_harness"
+SETUP_STATE_NAME = ".sialoop-setup.pkl"  # written in the worker's scratch dir, moved by the parent
 
 
 class WorkerConfig(BaseModel):
@@ -60,6 +67,9 @@ class WorkerConfig(BaseModel):
     workdir: str
     timeout_s: float
     startup_timeout_s: float
+    setup_timeout_s: float = 600.0
+    run_setup: bool = True  # False: import and check only (validation)
+    setup_cache: str | None = None  # a pickled state from an earlier worker's setup, to hand back
     memory_mb: int
     file_size_mb: int
     max_processes: int
@@ -79,6 +89,7 @@ class WorkerReply(BaseModel):
     output_json: str | None = None
     error: RolloutError | None = None
     restart: bool = False  # the worker's state is suspect (e.g. after a MemoryError)
+    setup_cached: bool = False  # setup's state was pickled to SETUP_STATE_NAME in the scratch dir
 
 
 def encode_frame(message: BaseModel) -> bytes:
@@ -288,10 +299,10 @@ def _encode_output(output: Any) -> WorkerReply:
 SolveFn = Callable[[dict[str, Any], Any], Any]
 
 
-def _load(config: WorkerConfig, guard: AuditGuard) -> tuple[SolveFn | None, WorkerReply]:
+def _load(config: WorkerConfig, guard: AuditGuard) -> tuple[ModuleType | None, WorkerReply]:
     _cpu_backstop(config.startup_timeout_s, guard)
     try:
-        module = load_harness(config.harness_path)
+        module = load_harness(config.harness_path, name=HARNESS_MODULE)
     except HarnessInvalid as exc:
         error = RolloutError(kind=ErrorKind.crash, message=f"harness invalid: {exc}")
         return None, WorkerReply(error=error)
@@ -299,7 +310,55 @@ def _load(config: WorkerConfig, guard: AuditGuard) -> tuple[SolveFn | None, Work
         error = _classify(exc, guard, config)
         message = f"harness failed to import: {error.message}"
         return None, WorkerReply(error=error.model_copy(update={"message": message}))
-    return module.solve, WorkerReply()
+    return module, WorkerReply()
+
+
+def _read_cached(path: str | None) -> Any:
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)  # written by this harness's own earlier worker
+    except Exception as exc:  # a state that does not load back: set up afresh
+        print(f"[sialoop sandbox] setup state not read back: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return None
+
+
+def _cache(state: Any) -> bool:
+    try:
+        with open(SETUP_STATE_NAME, "wb") as f:  # cwd is the scratch dir
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # unpicklable, or past the file-size limit: not an error
+        with suppress(OSError):
+            os.remove(SETUP_STATE_NAME)
+        print(f"[sialoop sandbox] setup state not cached: {type(exc).__name__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
+def _setup(module: ModuleType, config: WorkerConfig, guard: AuditGuard) -> WorkerReply:
+    """Run the harness's `setup` once, in its own CPU budget; an error of kind `setup`."""
+    setup = getattr(module, "setup", None)
+    if setup is None or not config.run_setup:
+        return WorkerReply()
+    _cpu_backstop(config.setup_timeout_s, guard)
+    guard.blocked.clear()
+    takes_cached = setup_takes_cached(setup)
+    cached = _read_cached(config.setup_cache) if takes_cached else None
+    try:
+        state = setup(cached) if takes_cached else setup()
+    except BaseException as exc:
+        error = _classify(exc, guard, config)
+        message = f"setup failed ({error.kind.value}): {error.message}"
+        return WorkerReply(error=RolloutError(kind=ErrorKind.setup, message=message))
+    if guard.blocked:
+        blocked = "; ".join(guard.blocked[:3])
+        message = f"setup failed (forbidden): blocked by the sandbox: {blocked}"
+        return WorkerReply(error=RolloutError(kind=ErrorKind.setup, message=message))
+    fresh = takes_cached and cached is None and state is not None
+    return WorkerReply(setup_cached=fresh and _cache(state))
 
 
 def _run_instance(
@@ -340,11 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     _limit_resources(config)
     guard = install_guard(config)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    solve, ready = _load(config, guard)
+    module, imported = _load(config, guard)
+    _flush()
+    _send(reply_fd, imported)
+    if module is None:
+        return 1
+    ready = _setup(module, config, guard)
     _flush()
     _send(reply_fd, ready)
-    if solve is None:
+    if ready.error is not None:
         return 1
+    solve = module.solve
     while (raw := _receive(request_fd)) is not None:
         reply = _run_instance(WorkerRequest.model_validate_json(raw), solve, llm, guard, config)
         _flush()
