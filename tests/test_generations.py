@@ -116,7 +116,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
         "--set",
         f"loop.levers={levers}",
         "--set",
-        "train.max_steps=200",
+        "train.max_steps=60",
         "--set",
         "train.checkpoint_every=2",
     )
