@@ -128,8 +128,9 @@ class Task(ABC):
         return []
 
     def summary(self) -> dict[str, Any]:
-        """Facts about the data worth reporting (sizes, removed duplicates)."""
-        return {}
+        """Facts about the data worth reporting: items per split (a task adds removed
+        duplicates and the like)."""
+        return {split: len(self.instances(split)) for split in ("train", "val", "test")}
 
     def write_public(self, dest: Path) -> None:
         """Write the files a harness may read: the spec and the train split with its labels
