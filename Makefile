@@ -17,7 +17,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Harness isolation uses bubblewrap (namespaces); without it the sandbox falls back to the
+# audit guard with a warning. Installed here when running as root with apt, else explained.
 setup: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; } || \
+	      echo "sialoop: could not install bubblewrap; harnesses run under the audit-guard fallback"; \
+	  else \
+	    echo "sialoop: bubblewrap (bwrap) not found: harnesses run under the audit-guard fallback."; \
+	    echo "  install it: sudo apt-get install -y bubblewrap (Debian/Ubuntu), sudo dnf install bubblewrap (Fedora)"; \
+	  fi; }
 
 model: setup
 	$(BIN)/python -c "from sialoop.policy.model_files import embedded_model_dir as m; print(m())"

@@ -58,6 +58,8 @@ def test_sigint_in_a_rollout_stops_the_run_and_resume_completes(tmp_path, tiny_m
         "--set", f"split.val_size={VAL_SIZE}", "--set", f"split.holdout_size={HOLDOUT}",
         "--set", f"split.test_size={TEST}", "--set", "sandbox.workers=2",
         "--set", "sandbox.timeout_s=300",
+        # the guard: its items wait on a marker file outside the run, which a namespace hides
+        "--set", "sandbox.isolation='guard'",
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "sialoop.cli", *args],

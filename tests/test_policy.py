@@ -265,15 +265,17 @@ def test_adapter_selection_by_model_and_header(
     client, served, backend, adapter_dir, tiny_model_dir
 ):
     base_url = served[0].url.removesuffix("/v1")
+    admin = served[0].admin_headers()  # the admin route's token (tests/test_hostile_output.py)
     assert (
         httpx.post(
             f"{base_url}/sialoop/adapters",
             json={"name": "v1", "path": str(adapter_dir / "missing")},
+            headers=admin,
         ).status_code
         == 400
     )
     reply = httpx.post(
-        f"{base_url}/sialoop/adapters", json={"name": "v1", "path": str(adapter_dir)}
+        f"{base_url}/sialoop/adapters", json={"name": "v1", "path": str(adapter_dir)}, headers=admin
     )
     assert reply.status_code == 200, reply.text
     assert [m.id for m in client.models.list()] == ["base", "v1"]

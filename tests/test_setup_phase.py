@@ -86,7 +86,9 @@ def _ctx(tmp: Path, body: str, workers: int = 2, timeout_s: float = TIMEOUT_S) -
     version = Version(
         version_id="v0", run_id="r", parent_id=None, generation=0, harness_path="h.py"
     )
-    sandbox = SandboxConfig(workers=workers, timeout_s=timeout_s)
+    # the guard: the retry test kills the worker by the pid its harness reports, which inside
+    # a pid namespace is not the host's (tests/test_isolation.py covers the namespaces)
+    sandbox = SandboxConfig(workers=workers, timeout_s=timeout_s, isolation="guard")
     return RolloutContext(store, ToyTask(seed=0), version, "http://127.0.0.1:9/v1", sandbox)
 
 

@@ -39,6 +39,9 @@ class SplitConfig(_Section):
 
 class SandboxConfig(_Section):
     runtime: str = "subprocess"  # the harness runtime (harness/runtimes.py)
+    # "auto": Linux namespaces via bubblewrap where available, else the audit guard with a
+    # warning; "namespaces" is an error where unavailable; "guard" is no security boundary
+    isolation: Literal["auto", "namespaces", "guard"] = "auto"
     workers: int = Field(default=2, ge=1, le=64)
     timeout_s: float = Field(default=60.0, gt=0)  # per item, once the worker is ready
     # a harness's one-time `setup()` each time a worker starts (an import, a fitted model)

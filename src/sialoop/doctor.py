@@ -181,6 +181,7 @@ def _sandbox(cfg: RunConfig, task: Task | None) -> Check:
     """Start one sandboxed worker on the run's generation-0 harness, as the run would."""
     if task is None:
         return Check(name="sandbox", ok=False, detail="not tried: the task did not load")
+    from sialoop.harness.isolation import resolve_isolation
     from sialoop.harness.program import validate_harness
     from sialoop.harness.sandbox import SandboxLimits
 
@@ -197,9 +198,12 @@ def _sandbox(cfg: RunConfig, task: Task | None) -> Check:
             harness = Path(tmp) / "harness.py"
             harness.write_text(source)
             task.write_public(Path(tmp) / "public")
-            validate_harness(harness, public_dir=Path(tmp) / "public", limits=limits)
+            validate_harness(
+                harness, public_dir=Path(tmp) / "public", limits=limits, isolation=s.isolation
+            )
         which = cfg.harness or "the task's reference harness"
-        return f"{s.runtime}: a worker started and imported {which}"
+        mode = resolve_isolation(s.isolation)
+        return f"{s.runtime} ({mode} isolation): a worker started and imported {which}"
 
     try:
         return _attempt("sandbox", check)

@@ -112,10 +112,15 @@ def make_candidate(
 
 def register_adapter(policy_url: str, name: str, path: str) -> None:
     """Serve a new adapter on the running endpoint, without a restart."""
+    from sialoop.policy.launch import admin_headers
+
     base = policy_url.removesuffix("/v1")
     try:
         response = httpx.post(
-            f"{base}/sialoop/adapters", json={"name": name, "path": path}, timeout=120
+            f"{base}/sialoop/adapters",
+            json={"name": name, "path": path},
+            headers=admin_headers(policy_url),  # the parent's secret: no harness has it
+            timeout=120,
         )
     except httpx.HTTPError as err:
         raise PolicyError(f"policy endpoint unreachable at {base}: {err}") from err
@@ -184,7 +189,9 @@ class HarnessLever:
     def _validated(self, ctx: LoopContext, version: Version) -> Version:
         try:
             validate_harness(
-                ctx.store.path(version.harness_path), public_dir=ctx.store.path("public")
+                ctx.store.path(version.harness_path),
+                public_dir=ctx.store.path("public"),
+                isolation=ctx.cfg.sandbox.isolation,
             )
         except HarnessInvalid as err:
             return broken(version, str(err))

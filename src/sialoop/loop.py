@@ -72,7 +72,7 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
     )
     copy = store.path(version.harness_path)
     try:
-        validate_harness(copy, public_dir=store.path("public"))
+        validate_harness(copy, public_dir=store.path("public"), isolation=cfg.sandbox.isolation)
     except HarnessInvalid as err:
         if cfg.harness is None:
             raise

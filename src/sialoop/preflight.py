@@ -292,12 +292,20 @@ def check_plugins(cfg: RunConfig) -> None:
     meta_agent(cfg)
 
 
+def check_isolation(cfg: RunConfig) -> None:
+    """`sandbox.isolation = "namespaces"` where bubblewrap cannot run is refused before work."""
+    from sialoop.harness.isolation import resolve_isolation
+
+    resolve_isolation(cfg.sandbox.isolation)
+
+
 def check_run(cfg: RunConfig, run_id: str | None = None) -> Task:
     """Every check `sialoop run` needs before it creates the run directory; returns the task."""
     check_run_id(run_id, cfg.runs_dir)
     check_runs_dir(cfg.runs_dir)
     check_harness(cfg.harness)
     check_plugins(cfg)
+    check_isolation(cfg)
     task = load_checked_task(cfg)
     check_policy(cfg)
     return task

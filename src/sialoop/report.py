@@ -215,6 +215,8 @@ def report_data(store: Store) -> dict[str, Any]:
         "problems": problems,
         "val_size": info.config.get("split", {}).get("val_size"),
         "sandbox": info.config.get("sandbox", {}).get("runtime"),
+        # what each evaluation ran under: a resume on another machine may differ
+        "isolation": sorted({str(e.detail.get("isolation", "guard")) for e in store.evaluations()}),
         "created_at": info.created_at,
         "last_record_at": max(stamps),
         "started": _iso(info.created_at),
@@ -299,7 +301,8 @@ def _title(data: dict[str, Any]) -> str:
     return (
         f"run {escape(data['run_id'])} ({escape(data['task'])}) {status}\n"
         f"wall {duration(data['wall_seconds'])} since {data['started']}; "
-        f"val subset: {val} items; sandbox: {data.get('sandbox') or '-'}"
+        f"val subset: {val} items; sandbox: {data.get('sandbox') or '-'} "
+        f"({' and '.join(data.get('isolation') or []) or 'no'} isolation)"
     )
 
 

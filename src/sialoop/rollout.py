@@ -18,6 +18,7 @@ after the sandbox's one retry) above `sandbox.degraded_share` of its trajectorie
 from __future__ import annotations
 
 import queue
+import sqlite3
 import statistics
 import threading
 import time
@@ -27,8 +28,10 @@ from typing import Any
 
 from sialoop.config import SandboxConfig
 from sialoop.gate import infra_failures
+from sialoop.harness.isolation import resolve_isolation
 from sialoop.harness.runtimes import harness_runtime
 from sialoop.harness.sandbox import SandboxLimits
+from sialoop.policy.launch import live_episode
 from sialoop.records import ErrorKind, Evaluation, RolloutError, Trajectory, Version, new_id
 from sialoop.runlock import LOCK_NAME
 from sialoop.store import DB_NAME, Store
@@ -78,6 +81,35 @@ def _score(task: Task, instance: Instance, trajectory: Trajectory) -> Trajectory
         error = RolloutError(kind=ErrorKind.invalid_output, message=f"{type(err).__name__}: {err}")
         return trajectory.model_copy(update={"error": error})
     return trajectory.model_copy(update={"score": score})
+
+
+# What storing a value that SQLite or JSON cannot hold raises (pydantic's serialisation errors are
+# ValueErrors); a locked or full database (sqlite3.OperationalError) is the machine's and stops.
+_UNSTORABLE = (ValueError, TypeError, OverflowError, RecursionError, sqlite3.DataError,
+               sqlite3.InterfaceError)  # fmt: skip
+
+
+def _store(store: Store, trajectory: Trajectory) -> Trajectory:
+    """Store `trajectory`; one that cannot be stored is stored as an invalid output instead."""
+    try:
+        store.add_trajectory(trajectory)
+        return trajectory
+    except _UNSTORABLE as err:
+        reason = _storable(f"{type(err).__name__}: {err}")[:1000]
+        message = f"the trajectory could not be stored ({reason}); output and score dropped"
+        if trajectory.error is not None:
+            message += "; the harness's error was: " + _storable(trajectory.error.message)
+        error = RolloutError(kind=ErrorKind.invalid_output, message=message[:20_000])
+        logs = _storable(trajectory.logs)
+        failed = trajectory.model_copy(
+            update={"output": None, "score": None, "error": error, "logs": logs}
+        )
+        store.add_trajectory(failed)  # plain fields only now: a failure here is the machine's
+        return failed
+
+
+def _storable(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class _Pool:
@@ -131,7 +163,7 @@ class _Pool:
 
     def _serve(self) -> None:
         ctx = self.ctx
-        runtime = harness_runtime(ctx.sandbox.runtime)
+        runtime = harness_runtime(ctx.sandbox.runtime, ctx.sandbox.isolation)
         with runtime(
             ctx.harness_path,
             policy_url=ctx.policy_url,
@@ -151,8 +183,7 @@ class _Pool:
                 trajectory = self._solve(sandbox, instance, sample)
                 if self.stop.is_set():  # abandoned: a resume runs it again
                     return
-                ctx.store.add_trajectory(trajectory)
-                self.on_done(trajectory)
+                self.on_done(_store(ctx.store, trajectory))
 
     def _solve(self, sandbox: Any, instance: Instance, sample: int) -> Trajectory:
         ctx = self.ctx
@@ -160,7 +191,8 @@ class _Pool:
         inputs = instance.inputs | {"id": instance.id}
         if self.grouped:
             inputs["sample"] = sample
-        result = sandbox.solve(inputs, episode)
+        with live_episode(ctx.policy_url, episode) as header:  # only this episode's worker
+            result = sandbox.solve(inputs, header)  # gets the header that attaches its calls
         trajectory = Trajectory(
             trajectory_id=episode,
             run_id=ctx.run_id,
@@ -240,7 +272,10 @@ def evaluate(
         forced=forced,
         infra_failures=infra,
         degraded=infra > share * len(trajectories),
-        detail=_error_counts(trajectories),
+        detail={
+            **_error_counts(trajectories),
+            "isolation": resolve_isolation(ctx.sandbox.isolation),
+        },
     )
     ctx.store.add_evaluation(evaluation)
     return evaluation

@@ -96,7 +96,12 @@ class AuditGuard:
         self._workdir = os.path.realpath(config.workdir)
         self._deny = tuple(os.path.realpath(p) for p in config.deny_read)
         self._pid, self._pgid = os.getpid(), os.getpgrp()
-        self._port, self._hosts = policy_hosts(config.policy_url)
+        # Under namespaces the endpoint is a Unix socket (the bridge) and there is no DNS.
+        self._socket = getattr(config, "policy_socket", None)
+        self._subprocess = bool(getattr(config, "allow_subprocess", False))
+        self._port, self._hosts = (
+            (-1, frozenset()) if self._socket else policy_hosts(config.policy_url)
+        )
         self._handlers: dict[str, Callable[[tuple[Any, ...]], str | None]] = {
             "open": self._open,
             "socket.__new__": self._new_socket,
@@ -113,8 +118,13 @@ class AuditGuard:
             "resource.setrlimit": self._rlimit,
             "resource.prlimit": self._prlimit,
         }
-        for event in _PROCESS_EVENTS:
-            self._handlers[event] = _refuse_process
+        # Under namespaces /tmp is the sandbox's own size-capped tmpfs.
+        self._writable = (self._workdir, "/tmp") if self._subprocess else (self._workdir,)
+        if self._subprocess:  # inside a pid namespace: children die with it
+            del self._handlers["os.kill"], self._handlers["os.killpg"]
+        else:
+            for event in _PROCESS_EVENTS:
+                self._handlers[event] = _refuse_process
         for event, places in _WRITE_EVENTS.items():
             self._handlers[event] = self._path_writer(places)
 
@@ -187,8 +197,9 @@ class AuditGuard:
             if os.path.abspath(raw) in _WRITABLE_DEVICES:
                 return None
             real = os.path.realpath(raw)
-        if real == self._workdir or real.startswith(self._workdir + os.sep):
-            return None
+        for place in self._writable:
+            if real == place or real.startswith(place + os.sep):
+                return None
         return f"changing {real!r} outside the scratch directory"
 
     def _path_writer(
@@ -216,6 +227,8 @@ class AuditGuard:
     def _connect(self, args: tuple[Any, ...]) -> str | None:
         sock, address = args[0], args[1]
         if address is None:  # sendmsg on a connected socket: its connect was checked
+            return None
+        if self._socket and sock.family == socket.AF_UNIX and address == self._socket:
             return None
         if (
             sock.family in _INET
@@ -285,6 +298,7 @@ def install_guard(config: WorkerConfig) -> AuditGuard:
     import _posixsubprocess  # multiprocessing and loky call its fork_exec without an audit event
 
     guard = AuditGuard(config)
-    _posixsubprocess.fork_exec = guard.refuse_fork_exec
+    if not guard._subprocess:
+        _posixsubprocess.fork_exec = guard.refuse_fork_exec
     sys.addaudithook(guard)
     return guard

@@ -145,7 +145,11 @@ def _syntax_message(path: Path, err: SyntaxError) -> str:
 
 
 def validate_harness(
-    path: str | Path, *, public_dir: str | Path | None = None, limits: SandboxLimits | None = None
+    path: str | Path,
+    *,
+    public_dir: str | Path | None = None,
+    limits: SandboxLimits | None = None,
+    isolation: str = "guard",
 ) -> None:
     """Raise HarnessInvalid (a one-line message) unless the file parses, imports inside a
     sandboxed worker, and defines a usable `solve`.
@@ -154,9 +158,11 @@ def validate_harness(
     examples at import time) and with no policy endpoint: module-level code that calls the LLM
     fails here. `setup` is checked for its signature but not run. `limits` is a `SandboxLimits`
     (default: its defaults). A passing harness can still fail on instances (or in setup); the
-    loop's smoke run is what checks `solve` itself.
+    loop's smoke run is what checks `solve` itself. `isolation` is `sandbox.isolation`: the
+    import runs under the same isolation as the rollouts, since module-level code is code too.
     """
     # sandbox imports the worker, which imports this module: import it only when needed.
+    from sialoop.harness.isolation import resolve_isolation
     from sialoop.harness.sandbox import Sandbox, SandboxLimits
 
     path = Path(path)
@@ -175,6 +181,7 @@ def validate_harness(
             public_dir=Path(public_dir) if public_dir is not None else None,
             scratch_root=Path(scratch),
             run_setup=False,  # the smoke run pays for setup; checking the import is enough here
+            isolation=resolve_isolation(isolation),
         )
         with sandbox:
             error = sandbox.start()

@@ -21,6 +21,37 @@ attempt stay in the episode). A timeout in a warm worker, an exception, an inval
 any other death is the harness's and is not retried. A harness that SIGKILLs itself is taken
 for the OOM killer: it is retried once, then recorded as an infrastructure failure.
 
+Isolation (`isolation=`: "guard", the default here; "namespaces"; or "auto", namespaces where
+bubblewrap works and the guard otherwise, with a one-time warning; "namespaces" without
+bubblewrap is a ConfigError naming `apt-get install -y bubblewrap`). `Sandbox.isolation` says
+which one ran. Under "namespaces" (`harness/isolation.py`) every worker runs under bubblewrap.
+Guaranteed there, also against a harness that attacks the sandbox with native code, up to kernel
+and bubblewrap bugs:
+- New user, mount, pid, ipc, uts, cgroup and network namespaces, `--die-with-parent`, a new
+  session, no capabilities, no further user namespaces; uid/gid 65534 inside.
+- A filesystem of only: /usr and the /bin, /lib* links, a few /etc files (ld.so, ssl,
+  localtime, hosts, alternatives), the interpreter's prefix, the venv and the package's own
+  source directory (the repo's src/, none of the rest of the repo), the harness file, the
+  task's public folder, all read-only; the worker's scratch dir (`/sialoop/work`, cwd and HOME)
+  read-write; a private tmpfs /tmp of 4 x `file_size_mb`; a /proc of its own pid namespace.
+  The data roots, the run directory and run.db, other runs and other workers' scratch dirs,
+  the home folder and every process outside do not exist there.
+- No network but an empty loopback. The policy endpoint is reached only through a Unix socket
+  (`isolation.PolicyBridge`), which forwards paths under /v1/ and answers anything else 403 (the
+  admin route is unreachable), sets the episode id, the adapter and the API key itself on every
+  call whatever the harness sent, and refuses calls between instances (409).
+- Timeouts and closes SIGKILL bubblewrap, which takes the whole pid namespace with it (setsid
+  does not help). Tasks are capped by a pids cgroup of `max_processes` + 8 where one can be
+  made (root with a writable /sys/fs/cgroup); the rlimits below still apply.
+- The audit guard still runs inside as a tripwire, but subprocesses, forks and signals to the
+  sandbox's own processes are allowed: they die with it.
+Not guaranteed there: the scratch dir's total size (only each file's); a pids cgroup when one
+cannot be made (RLIMIT_NPROC is then not enforced for a root-mapped uid); resident memory and
+CPU share (rlimits only); the harness's threads between instances run on (their calls are
+refused); the worker's pid inside is not its host pid (`worker_pid` is bubblewrap's).
+
+Under "guard" everything below holds and nothing above.
+
 Guaranteed (for a harness that does not deliberately attack the sandbox):
 - Wall-clock `timeout_s` per instance, enforced by the parent: SIGKILL to the worker's whole
   process group. A soft RLIMIT_CPU and a parent-death watchdog stop orphaned workers.
@@ -61,7 +92,6 @@ pickle the harness wrote and only its own next worker reads; the parent never lo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -77,14 +107,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import sialoop
 from sialoop.errors import ConfigError, DataError
+from sialoop.harness import isolation as iso
 from sialoop.harness.program import HarnessInvalid
 from sialoop.harness.worker import (
     SETUP_STATE_NAME,
+    FrameTooLarge,
+    OutputInvalid,
     PipeClosed,
     PipeTimeout,
     WorkerConfig,
     WorkerReply,
     WorkerRequest,
+    decode_output,
     encode_frame,
     read_frame,
     write_frame,
@@ -92,6 +126,7 @@ from sialoop.harness.worker import (
 from sialoop.records import ErrorKind, Record, RolloutError, new_id
 
 _EXIT_GRACE_S = 1.0  # after EOF, how long a dying worker gets to exit with its own status
+_MAX_MESSAGE_CHARS = 20_000  # of an error message from the worker (ours are a few KB)
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 _FIXED_ENV = {
     "PYTHONUNBUFFERED": "1",  # logs up to a kill are kept
@@ -168,6 +203,11 @@ def _secret_paths() -> tuple[str, ...]:
     return (*(str(home / name) for name in _SECRET_NAMES), str(Path.cwd() / ".env"))
 
 
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0] if err.errors() else {"msg": "invalid"}
+    return f"malformed reply: {first.get('msg', 'invalid')}"[:300]
+
+
 def _death(code: int, during: str) -> RolloutError:
     """Why a worker that closed its pipe died, from its exit status."""
     if code >= 0:
@@ -192,23 +232,25 @@ def _death(code: int, during: str) -> RolloutError:
 
 
 class _Worker:
-    """One live child: its process, the parent's ends of the two pipes, its scratch dir."""
+    """One live child: its process, the parent's ends of the two pipes, its scratch dir.
 
-    def __init__(self, config: WorkerConfig, env: dict[str, str], log_path: Path):
-        self.workdir = Path(config.workdir)
+    The isolation strategy wraps the command line: under namespaces `proc` is bubblewrap (or
+    the shell that moves itself into the worker's pids cgroup and execs it), whose death takes
+    the whole pid namespace with it."""
+
+    def __init__(
+        self, env: dict[str, str], log_path: Path, isolation: iso.Guard, spec: iso.WorkerSpec
+    ):
+        self.workdir = spec.workdir
+        self.isolation = isolation
         request_r, self.request_fd = os.pipe()
         self.reply_fd, reply_w = os.pipe()
+        argv = [sys.executable, "-P", "-m", "sialoop.harness.worker", str(request_r), str(reply_w)]
+        argv, self.cgroup = isolation.launch(argv, spec)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "sialoop.harness.worker",
-                    str(request_r),
-                    str(reply_w),
-                ],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
@@ -220,6 +262,8 @@ class _Worker:
         except BaseException:
             os.close(self.request_fd)
             os.close(self.reply_fd)
+            if self.cgroup is not None:
+                self.cgroup.remove()
             raise
         finally:
             for fd in (request_r, reply_w, log_fd):
@@ -230,6 +274,8 @@ class _Worker:
     def signal_group(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.cgroup is not None:  # bubblewrap's death kills the pid namespace; this too
+            self.cgroup.kill()
 
     def stop(self, grace_s: float = 0.0) -> int:
         """Kill the process group (after `grace_s` for the worker to exit by itself), reap the
@@ -239,6 +285,9 @@ class _Worker:
                 self.proc.wait(timeout=grace_s)
         self.signal_group()  # also when the worker exited: strays in its group go too
         code = self.proc.wait()
+        code = self.isolation.exit_status(code)
+        if self.cgroup is not None:
+            self.cgroup.remove()
         for fd in (self.request_fd, self.reply_fd):
             with contextlib.suppress(OSError):  # closed by an earlier stop()
                 os.close(fd)
@@ -267,7 +316,9 @@ class Sandbox:
         scratch_root: str | Path,
         deny_read: tuple[str | Path, ...] = (),
         run_setup: bool = True,
+        isolation: str = "guard",
     ):
+        iso.resolve_isolation(isolation)  # a ConfigError when "namespaces" is unavailable
         self._harness = Path(harness_path).resolve()
         if not self._harness.is_file():
             raise HarnessInvalid(f"harness file not found: {self._harness}")
@@ -279,6 +330,7 @@ class Sandbox:
         if self._public is not None and not self._public.is_dir():
             raise DataError(f"public directory not found: {self._public}")
         self._policy_url, self._adapter = policy_url, adapter
+        self._iso = iso.make_isolation(isolation, policy_url, adapter)  # starts the workers
         self._limits = limits or SandboxLimits()
         self._dir = Path(scratch_root).resolve() / new_id("sandbox")
         self._dir.mkdir(parents=True)
@@ -303,6 +355,11 @@ class Sandbox:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def isolation(self) -> str:
+        """Which isolation the worker runs under: "namespaces" (bubblewrap) or "guard"."""
+        return self._iso.name
 
     @property
     def starts(self) -> int:
@@ -330,20 +387,24 @@ class Sandbox:
         request = encode_frame(WorkerRequest(instance=instance, episode_id=episode_id))
         with self._lock:
             self._check_open()
-            result = self._attempt(request)
-            if result.error is None or not result.error.infra:
-                return result
-            if self._closing:  # our own kill: not the machine's
-                return result.model_copy(
-                    update={"error": result.error.model_copy(update={"infra": False})}
-                )
-            first = result.error.message.splitlines()[0]
-            retried = self._attempt(request)
-            note = (
-                f"[sialoop sandbox] attempt 1 failed ({result.error.kind.value}: {first}); "
-                "retried once in a fresh worker\n"
+            with self._iso.episode(episode_id):  # the bridge stamps it on every call
+                return self._solve(request)
+
+    def _solve(self, request: bytes) -> SandboxResult:
+        result = self._attempt(request)
+        if result.error is None or not result.error.infra:
+            return result
+        if self._closing:  # our own kill: not the machine's
+            return result.model_copy(
+                update={"error": result.error.model_copy(update={"infra": False})}
             )
-            return retried.model_copy(update={"attempts": 2, "logs": note + retried.logs})
+        first = result.error.message.splitlines()[0]
+        retried = self._attempt(request)
+        note = (
+            f"[sialoop sandbox] attempt 1 failed ({result.error.kind.value}: {first}); "
+            "retried once in a fresh worker\n"
+        )
+        return retried.model_copy(update={"attempts": 2, "logs": note + retried.logs})
 
     def _attempt(self, request: bytes) -> SandboxResult:
         self._clear_log()
@@ -363,7 +424,7 @@ class Sandbox:
         if reply.output_json is None:  # our worker never sends this; a harness might
             error = RolloutError(kind=ErrorKind.killed, message="the worker sent no output")
             return self._result(None, error, started)
-        return self._result(json.loads(reply.output_json), None, started)
+        return self._decoded(reply.output_json, started)
 
     def close(self) -> None:
         """Kill the worker (an in-flight `solve` returns ErrorKind.killed) and delete the
@@ -376,6 +437,7 @@ class Sandbox:
         with self._lock:
             self._closed = True
             self._stop_worker()
+            self._iso.close()
             shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- internals (called with the lock held) -------------------------------------------------
@@ -403,32 +465,45 @@ class Sandbox:
         self._start_error = error
         return error
 
-    def _worker_config(self, workdir: Path) -> WorkerConfig:
+    def _spec(self, workdir: Path) -> iso.WorkerSpec:
+        return iso.WorkerSpec(
+            harness=self._harness,
+            public=self._public,
+            workdir=workdir,
+            setup_state=self._setup_state if self._setup_state.is_file() else None,
+            has_policy=self._policy_url is not None,
+            file_size_mb=self._limits.file_size_mb,
+            max_processes=self._limits.max_processes,
+        )
+
+    def _worker_config(self, spec: iso.WorkerSpec) -> WorkerConfig:
         limits = self._limits
         return WorkerConfig(
             harness_path=str(self._harness),
             policy_url=self._policy_url,
             adapter=self._adapter,
-            workdir=str(workdir),
+            workdir=str(spec.workdir),
             timeout_s=limits.timeout_s,
             startup_timeout_s=limits.startup_timeout_s,
             setup_timeout_s=limits.setup_timeout_s,
             run_setup=self._run_setup,
-            setup_cache=str(self._setup_state) if self._setup_state.is_file() else None,
+            setup_cache=str(spec.setup_state) if spec.setup_state is not None else None,
             memory_mb=limits.memory_mb,
             file_size_mb=limits.file_size_mb,
             max_processes=limits.max_processes,
             deny_read=self._deny,
-        )
+        ).model_copy(update=self._iso.config(spec))  # the paths as the worker sees them
 
     def _start_worker(self) -> RolloutError | None:
         self._starts += 1
         workdir = self._dir / f"work-{self._starts}"
         (workdir / "tmp").mkdir(parents=True)
         if self._public is not None:
-            (workdir / "public").symlink_to(self._public, target_is_directory=True)
-        config = self._worker_config(workdir)
-        worker = _Worker(config, _worker_env(workdir), self._log)
+            target = self._iso.public_link(self._public)
+            (workdir / "public").symlink_to(target, target_is_directory=True)
+        spec = self._spec(workdir)
+        config = self._worker_config(spec)
+        worker = _Worker(self._iso.env(_worker_env(workdir), workdir), self._log, self._iso, spec)
         self._pending = worker  # close() kills it from another thread
         if self._closing:  # close() ran before it could see this worker
             worker.signal_group()
@@ -499,10 +574,21 @@ class Sandbox:
             )
             error = RolloutError(kind=ErrorKind.timeout, message=message, infra=cold)
             raise _WorkerGone(error) from None
-        except (PipeClosed, ValidationError):
+        except (FrameTooLarge, ValidationError) as err:  # hostile: our worker never sends these
+            self._stop_worker()
+            what = str(err) if isinstance(err, FrameTooLarge) else _first_error(err)
+            message = f"the worker sent an invalid reply ({what}); it was killed"
+            error = RolloutError(kind=ErrorKind.invalid_output, message=message)
+            raise _WorkerGone(error) from None
+        except PipeClosed:
             code = self._stop_worker(_EXIT_GRACE_S)
             raise _WorkerGone(_death(code, "during the instance")) from None
         self._served += 1
+        if reply.error is not None:  # the worker's word: never a machine fault, bounded in size
+            error = reply.error.model_copy(
+                update={"infra": False, "message": reply.error.message[:_MAX_MESSAGE_CHARS]}
+            )
+            reply = reply.model_copy(update={"error": error})
         return reply
 
     def _stop_worker(self, grace_s: float = 0.0) -> int:
@@ -529,6 +615,15 @@ class Sandbox:
         except FileNotFoundError:
             return ""
         return data.decode("utf-8", errors="replace")
+
+    def _decoded(self, output_json: str, started: float) -> SandboxResult:
+        """The output parsed as hostile data (`worker.decode_output`); invalid_output if not."""
+        try:
+            output = decode_output(output_json)
+        except OutputInvalid as exc:
+            error = RolloutError(kind=ErrorKind.invalid_output, message=str(exc))
+            return self._result(None, error, started)
+        return self._result(output, None, started)
 
     def _result(self, output: Any, error: RolloutError | None, started: float) -> SandboxResult:
         return SandboxResult(

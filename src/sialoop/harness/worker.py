@@ -14,6 +14,11 @@ import `startup_timeout_s` and setup `setup_timeout_s`, each its own budget. The
 protocol data: they go to a log file the parent reads. Both ends of the framing live here: the
 worker's blocking reads and writes, and the parent's deadline-aware ones that `Sandbox` uses.
 
+The parent reads the reply pipe as hostile data, since harness code can write to it: a declared
+length over `MAX_REPLY_FRAME` is refused from the header alone (nothing is read or allocated),
+and an `output_json` goes through `decode_output` (size, container count and nesting depth
+checked without recursion before it is parsed; strict JSON; storable) before it is believed.
+
 What the guard does and does not stop is listed in `sialoop.harness.sandbox`'s docstring.
 """
 
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
+import re
 import resource
 import select
 import signal
@@ -33,10 +40,12 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
+from itertools import accumulate
 from types import ModuleType
 from typing import Any
 
 import openai
+import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
 from sialoop.harness.guard import AuditGuard, install_guard
@@ -45,7 +54,12 @@ from sialoop.records import ErrorKind, RolloutError
 
 HEADER = struct.Struct(">I")
 MAX_OUTPUT_BYTES = 32 * 2**20  # a serialised output larger than this is an invalid output
-_MAX_FRAME = 8 * MAX_OUTPUT_BYTES  # JSON-in-JSON escaping can grow the output's text
+MAX_OUTPUT_DEPTH = 64  # nesting of lists and objects; the store's serialiser stops at 255
+MAX_OUTPUT_CONTAINERS = 1_000_000  # lists and objects in one output: bounds the parent's memory
+# The largest reply frame the parent reads. The output's JSON text is ASCII (json.dumps escapes
+# the rest), so quoting it as a string inside the reply at most doubles it (`"` and `\`); the
+# worker's error messages are a few KB. A bigger header is refused before anything is read.
+MAX_REPLY_FRAME = 2 * MAX_OUTPUT_BYTES + 2**20
 EPISODE_HEADER = "X-Sialoop-Episode"
 ADAPTER_HEADER = "X-Sialoop-Adapter"
 API_KEY = "sialoop"  # the endpoint is on loopback; the key only satisfies the client
@@ -74,6 +88,10 @@ class WorkerConfig(BaseModel):
     file_size_mb: int
     max_processes: int
     deny_read: tuple[str, ...] = ()
+    # Set under namespace isolation (`harness/isolation.py`): the client reaches the endpoint
+    # through this Unix socket (the bridge), and subprocesses are allowed (they die with it).
+    policy_socket: str | None = None
+    allow_subprocess: bool = False
 
 
 class WorkerRequest(BaseModel):
@@ -90,6 +108,63 @@ class WorkerReply(BaseModel):
     error: RolloutError | None = None
     restart: bool = False  # the worker's state is suspect (e.g. after a MemoryError)
     setup_cached: bool = False  # setup's state was pickled to SETUP_STATE_NAME in the scratch dir
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+class OutputInvalid(ValueError):
+    """An output the parent will not take: too large, too deep, not JSON, or not storable."""
+
+
+def check_output_text(text: str) -> None:
+    """Raise `OutputInvalid` unless `text` is within the size, container and depth limits.
+
+    Runs before `json.loads` (whose memory and recursion it bounds) without recursing itself:
+    strings are cut out by one regex, so the brackets left are the structure's, counted in C.
+    The verdict is exact for valid JSON; for anything else `json.loads` fails afterwards.
+    """
+    if len(text) > MAX_OUTPUT_BYTES:
+        raise OutputInvalid(
+            f"output is {len(text)} characters of JSON; the limit is {MAX_OUTPUT_BYTES}"
+        )
+    skeleton = _JSON_STRING.sub("", text)
+    containers = skeleton.count("[") + skeleton.count("{")
+    if containers > MAX_OUTPUT_CONTAINERS:
+        raise OutputInvalid(
+            f"output holds {containers} lists and objects; the limit is {MAX_OUTPUT_CONTAINERS}"
+        )
+    brackets = _NOT_BRACKET.sub("", skeleton)
+    depth = max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+    if depth > MAX_OUTPUT_DEPTH:
+        raise OutputInvalid(f"output is nested {depth} deep; the limit is {MAX_OUTPUT_DEPTH}")
+
+
+def _no_constant(name: str) -> Any:
+    raise OutputInvalid(f"output holds {name}, which JSON does not allow")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise OutputInvalid(f"output holds the number {text}, which overflows a float")
+    return value
+
+
+def decode_output(text: str) -> Any:
+    """The value of a worker's `output_json`, parsed as hostile data; `OutputInvalid` if it is
+    over a limit, not strict JSON (NaN, Infinity, 1e400), or not storable (lone surrogates)."""
+    check_output_text(text)
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        pydantic_core.to_json(value)  # what the store will do with it: surrogates fail here
+    except OutputInvalid:
+        raise
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise OutputInvalid(f"output is not storable JSON: {type(exc).__name__}: {exc}") from None
+    return value
 
 
 def encode_frame(message: BaseModel) -> bytes:
@@ -117,7 +192,14 @@ def _receive(fd: int) -> bytes | None:
 
 
 def _send(fd: int, reply: WorkerReply) -> None:
-    view = memoryview(encode_frame(reply))
+    try:
+        data = encode_frame(reply)
+    except ValueError:  # a harness's error message with lone surrogates (surrogateescape)
+        assert reply.error is not None  # output_json is json.dumps's ASCII
+        message = reply.error.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        error = reply.error.model_copy(update={"message": message})
+        data = encode_frame(reply.model_copy(update={"error": error}))
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
@@ -129,6 +211,14 @@ class PipeTimeout(Exception):
 
 class PipeClosed(Exception):
     """The worker closed its end of a pipe, or sent a frame it never would."""
+
+
+class FrameTooLarge(PipeClosed):
+    """The worker declared a reply frame over `MAX_REPLY_FRAME`: never something it writes."""
+
+    def __init__(self, size: int):
+        super().__init__(f"a reply frame of {size} bytes; the limit is {MAX_REPLY_FRAME}")
+        self.size = size
 
 
 def _poll(fd: int, events: int, deadline: float) -> None:
@@ -159,8 +249,8 @@ def _read_exact_by(fd: int, n: int, deadline: float) -> bytes:
 def read_frame(fd: int, deadline: float) -> bytes:
     """The next frame's payload from the worker."""
     (size,) = HEADER.unpack(_read_exact_by(fd, HEADER.size, deadline))
-    if size > _MAX_FRAME:
-        raise PipeClosed  # not something our worker writes: treat the channel as broken
+    if size > MAX_REPLY_FRAME:  # refused from the header alone: nothing of it is read
+        raise FrameTooLarge(size)
     return _read_exact_by(fd, size, deadline)
 
 
@@ -238,11 +328,19 @@ def _watch_parent(parent: int) -> None:
 def _make_client(config: WorkerConfig) -> openai.OpenAI | None:
     if config.policy_url is None:
         return None
+    http_client = None
+    if config.policy_socket is not None:  # the bridge stamps the episode and adapter itself
+        import httpx
+
+        http_client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=config.policy_socket), timeout=config.timeout_s
+        )
     client = openai.OpenAI(
         base_url=config.policy_url,
         api_key=API_KEY,
         default_headers={ADAPTER_HEADER: config.adapter},
         timeout=config.timeout_s,
+        http_client=http_client,
     )
     # platform.platform() runs `uname -p` in a subprocess on the first request; do it now,
     # before the guard would refuse it.
@@ -289,9 +387,10 @@ def _encode_output(output: Any) -> WorkerReply:
     except (TypeError, ValueError, RecursionError) as exc:
         message = f"output is not JSON-serialisable: {type(exc).__name__}: {exc}"
         return WorkerReply(error=RolloutError(kind=ErrorKind.invalid_output, message=message))
-    if len(text) > MAX_OUTPUT_BYTES:
-        message = f"output is {len(text)} characters of JSON; the limit is {MAX_OUTPUT_BYTES}"
-        return WorkerReply(error=RolloutError(kind=ErrorKind.invalid_output, message=message))
+    try:
+        check_output_text(text)  # the parent checks again; this gives an honest harness the reason
+    except OutputInvalid as exc:
+        return WorkerReply(error=RolloutError(kind=ErrorKind.invalid_output, message=str(exc)))
     return WorkerReply(output_json=text)
 
 

@@ -1,7 +1,13 @@
-"""Start the policy endpoint a run's config asks for and hand back its URL."""
+"""Start the policy endpoint a run's config asks for and hand back its URL.
+
+The URL is what harness workers get; the endpoint's keys (its admin token and its episode gate,
+see `sialoop.policy.server`) stay in this process, found by URL through `admin_headers` and
+`live_episode` while a `PolicyServer` serves it.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +20,53 @@ from sialoop.policy.recorder import Recorder
 
 if TYPE_CHECKING:
     from sialoop.policy.batcher import PolicyBackend
+    from sialoop.policy.server import PolicyServer
+
+# The endpoints this process serves, by URL: the parent's own keys, never sent to a worker.
+_SERVED: dict[str, PolicyServer] = {}
+_SERVED_LOCK = threading.Lock()
+
+
+def _key(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def served_here(server: PolicyServer) -> None:
+    with _SERVED_LOCK:
+        _SERVED[_key(server.url)] = server
+
+
+def not_served_here(server: PolicyServer) -> None:
+    with _SERVED_LOCK:
+        if _SERVED.get(_key(server.url)) is server:
+            del _SERVED[_key(server.url)]
+
+
+def _served(policy_url: str) -> PolicyServer | None:
+    with _SERVED_LOCK:
+        return _SERVED.get(_key(policy_url))
+
+
+def admin_headers(policy_url: str) -> dict[str, str]:
+    """The admin token's header for the endpoint at `policy_url`, if this process serves it
+    (otherwise none: the admin routes then refuse the call)."""
+    server = _served(policy_url)
+    return server.admin_headers() if server is not None else {}
+
+
+@contextmanager
+def live_episode(policy_url: str | None, episode_id: str) -> Iterator[str]:
+    """Open `episode_id` on the endpoint's gate for the block; yields the episode header value
+    to hand the harness (`episode_id` itself for an endpoint this process does not serve)."""
+    server = _served(policy_url) if policy_url is not None else None
+    if server is None:
+        yield episode_id
+        return
+    value = server.episodes.open(episode_id)
+    try:
+        yield value
+    finally:
+        server.episodes.close(episode_id)
 
 
 def resolve_model_dir(cfg: PolicyConfig) -> Path:
@@ -52,7 +105,8 @@ def policy_backend(cfg: PolicyConfig) -> PolicyBackend:
 def serve_policy(
     cfg: PolicyConfig, recorder: Recorder, adapters: dict[str, Path] | None = None
 ) -> Iterator[str]:
-    """Run the endpoint on a free loopback port for the duration of the block; yields its URL."""
+    """Run the endpoint on a free loopback port for the duration of the block; yields its URL.
+    Its admin token (drawn by `PolicyServer`) is reached with `admin_headers(url)`."""
     import torch
 
     from sialoop.policy.server import PolicyServer

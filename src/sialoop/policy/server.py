@@ -16,6 +16,17 @@ Headers: `X-Sialoop-Episode` tags the recorded calls (None when absent). The req
 `base`, a registered adapter name, or `policy`, which means the adapter named by the
 `X-Sialoop-Adapter` header, else `base`.
 
+Trust: harness code calls this endpoint, so neither admin rights nor an episode are taken on its
+word. `POST /sialoop/adapters` needs `X-Sialoop-Admin: <token>`, a secret each `PolicyServer`
+draws at start and that lives only in the parent's memory (`admin_headers` in
+`sialoop.policy.launch`; never in a worker's environment, config or files); without it: 403.
+An episode is attached to a call through an `EpisodeGate`: the parent opens an episode for the
+time its `solve` runs and hands the worker `<episode id>.<secret>` as the header value. A header
+naming an episode that is not open with that secret, or any id of the shape the parent mints
+(`ep-` and 12 hex digits, the id of every stored trajectory) without its secret, is refused
+(403), so one episode cannot attach calls to another, past or concurrent. Other values (ad-hoc
+tags that name no trajectory) are recorded as sent.
+
 Guarantees: one `LLMCall` per returned choice is recorded before the response is sent; a recorder
 failure is logged and never fails the request. Errors use OpenAI's error body: a bad request is
 400 with a one-line message, an unknown model 404 listing the available ones, a model failure 500;
@@ -30,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import socket
 import threading
 import time
@@ -42,7 +55,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -56,6 +69,7 @@ from sialoop.policy.batcher import (
     RequestError,
     ScoreRequest,
 )
+from sialoop.policy.launch import not_served_here, served_here
 from sialoop.policy.openai_api import (
     AdapterBody,
     ApiError,
@@ -76,12 +90,68 @@ log = logging.getLogger(__name__)
 
 EPISODE_HEADER = "X-Sialoop-Episode"
 ADAPTER_HEADER = "X-Sialoop-Adapter"
+ADMIN_HEADER = "X-Sialoop-Admin"
 POLICY_ALIAS = "policy"
+_MINTED_EPISODE = re.compile(r"ep-[0-9a-f]{12}")  # `records.new_id("ep")`: every trajectory id
 
 
-def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02) -> FastAPI:
-    """The endpoint over `backend`; serve it with lifespan on (it starts the model worker)."""
+class EpisodeGate:
+    """The episodes the parent has open, each with a secret only its own worker is handed."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def open(self, episode_id: str) -> str:
+        """Open `episode_id`; the header value its harness must send (`<id>.<secret>`)."""
+        secret = secrets.token_urlsafe(16)
+        with self._lock:
+            self._open[episode_id] = secret
+        return f"{episode_id}.{secret}"
+
+    def close(self, episode_id: str) -> None:
+        with self._lock:
+            self._open.pop(episode_id, None)
+
+    def resolve(self, value: str | None) -> str | None:
+        """The episode a call belongs to; ApiError 403 for a forged or stale one."""
+        if value is None:
+            return None
+        episode, dot, secret = value.rpartition(".")
+        if dot:
+            with self._lock:
+                expected = self._open.get(episode)
+            if expected is not None and secrets.compare_digest(secret.encode(), expected.encode()):
+                return episode
+            raise ApiError(403, f"episode {episode[:40]!r} is not open with this secret")
+        with self._lock:
+            claimed = value in self._open
+        if claimed or _MINTED_EPISODE.fullmatch(value):
+            raise ApiError(403, f"episode {value[:40]!r} needs the secret the runtime hands out")
+        return value  # an ad-hoc tag that names no trajectory
+
+
+def create_app(
+    backend: PolicyBackend,
+    recorder: Recorder,
+    wait_s: float = 0.02,
+    *,
+    admin_token: str | None = None,
+    episodes: EpisodeGate | None = None,
+) -> FastAPI:
+    """The endpoint over `backend`; serve it with lifespan on (it starts the model worker).
+    `admin_token` None refuses the admin route to everyone; `episodes` None takes the episode
+    header as sent (for an endpoint no harness reaches)."""
     batcher = Batcher(backend, wait_s=wait_s)
+
+    def admin(request: Request) -> None:
+        given = request.headers.get(ADMIN_HEADER, "")
+        if admin_token is None or not secrets.compare_digest(given.encode(), admin_token.encode()):
+            raise ApiError(403, f"the admin routes need the {ADMIN_HEADER} token")
+
+    def episode(request: Request) -> str | None:
+        value = request.headers.get(EPISODE_HEADER)
+        return value if episodes is None else episodes.resolve(value)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -107,22 +177,27 @@ def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02)
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/sialoop/adapters")
+    @app.post("/sialoop/adapters", dependencies=[Depends(admin)])
     async def add_adapter(body: AdapterBody) -> dict[str, Any]:
         await _wait(batcher.submit_call(lambda: backend.add_adapter(body.name, Path(body.path))))
         return {"id": body.name, "models": backend.model_names()}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request) -> dict[str, Any]:
+    async def completions(
+        body: CompletionBody, request: Request, episode_id: str | None = Depends(episode)
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         adapter = _resolve(backend, body.model, request)
         choices, served = await _complete(batcher, body, adapter)
         params = body.model_dump(exclude={"prompt"}, exclude_unset=True)
-        await _record(recorder, served, _common(request, "completions", adapter, params, started))
+        common = _common(episode_id, "completions", adapter, params, started)
+        await _record(recorder, served, common)
         return envelope("text_completion", "cmpl", adapter, choices, served)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: Request) -> dict[str, Any]:
+    async def chat(
+        body: ChatBody, request: Request, episode_id: str | None = Depends(episode)
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         adapter = _resolve(backend, body.model, request)
         prompt, extra_stop = render_chat(backend, body.messages)
@@ -136,9 +211,8 @@ def create_app(backend: PolicyBackend, recorder: Recorder, wait_s: float = 0.02)
             for g, c in zip(generations, choices, strict=True)
         ]
         sent = body.model_dump(exclude={"messages"}, exclude_unset=True)
-        await _record(
-            recorder, served, _common(request, "chat.completions", adapter, sent, started)
-        )
+        common = _common(episode_id, "chat.completions", adapter, sent, started)
+        await _record(recorder, served, common)
         return envelope("chat.completion", "chatcmpl", adapter, choices, served)
 
     return app
@@ -227,11 +301,11 @@ async def _complete(
 
 
 def _common(
-    request: Request, endpoint: str, adapter: str, params: dict[str, Any], started: float
+    episode_id: str | None, endpoint: str, adapter: str, params: dict[str, Any], started: float
 ) -> dict[str, Any]:
     """The LLMCall fields shared by every choice of one request."""
     return {
-        "episode_id": request.headers.get(EPISODE_HEADER),
+        "episode_id": episode_id,
         "endpoint": endpoint,
         "adapter": adapter,
         "params": params,
@@ -257,6 +331,8 @@ class PolicyServer:
 
     Binds `host:port` itself (port 0: a free port) before starting, so `.url` is known and never
     raced; `start` returns once /health answers, `stop` shuts uvicorn and the model worker down.
+    It draws its own admin token and episode gate, and while it serves it is listed by URL in
+    `sialoop.policy.launch` so this process's rollouts and `register_adapter` find them.
     """
 
     def __init__(
@@ -267,7 +343,11 @@ class PolicyServer:
         port: int = 0,
         wait_s: float = 0.02,
     ) -> None:
-        self.app = create_app(backend, recorder, wait_s=wait_s)
+        self.admin_token = secrets.token_urlsafe(32)
+        self.episodes = EpisodeGate()
+        self.app = create_app(
+            backend, recorder, wait_s=wait_s, admin_token=self.admin_token, episodes=self.episodes
+        )
         self.host, self.port = host, port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -310,6 +390,10 @@ class PolicyServer:
                 self.stop()
                 raise PolicyError(f"the policy endpoint on {self.host}:{self.port} did not start")
             time.sleep(0.02)
+        served_here(self)
+
+    def admin_headers(self) -> dict[str, str]:
+        return {ADMIN_HEADER: self.admin_token}
 
     def _healthy(self) -> bool:
         if self._server is None or not self._server.started:
@@ -322,6 +406,7 @@ class PolicyServer:
             return False
 
     def stop(self) -> None:
+        not_served_here(self)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -47,6 +47,7 @@ from types import SimpleNamespace
 from typing import Any
 
 POLICY_MODEL = "policy"
+POLICY_SOCKET_ENV = "SIALOOP_POLICY_SOCKET"  # set by the sandbox under namespace isolation
 _HEADER_PREFIX = "x-sialoop-"
 _DUMMY_KEY = "sialoop-policy"
 # SDK arguments that would override the base_url (newer openai clients take them).
@@ -224,7 +225,9 @@ def _dummy_keys(names: Any) -> Iterator[None]:
 # -- routing the agent's SDK clients to the policy endpoint ----------------------------------
 def _route(llm: Any) -> dict[str, Any]:
     headers = {k: v for k, v in llm.default_headers.items() if k.lower().startswith(_HEADER_PREFIX)}
-    return {"base_url": str(llm.base_url), "api_key": llm.api_key, "headers": headers}
+    # Under namespace isolation the endpoint is the sandbox's bridge, a Unix socket.
+    uds = os.environ.get(POLICY_SOCKET_ENV) or None
+    return {"base_url": str(llm.base_url), "api_key": llm.api_key, "headers": headers, "uds": uds}
 
 
 def _policy_body(body: Any) -> Any:
@@ -233,10 +236,21 @@ def _policy_body(body: Any) -> Any:
     return body
 
 
-def _routed_kwargs(route: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _routed_kwargs(
+    route: Mapping[str, Any], kwargs: dict[str, Any], asynchronous: bool = False
+) -> dict[str, Any]:
     out = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
     out["base_url"], out["api_key"] = route["base_url"], route["api_key"]
     out["default_headers"] = {**(kwargs.get("default_headers") or {}), **route["headers"]}
+    if route.get("uds"):  # the agent's own http_client would not reach the socket
+        import httpx
+
+        if asynchronous:
+            transport: Any = httpx.AsyncHTTPTransport(uds=route["uds"])
+            out["http_client"] = httpx.AsyncClient(transport=transport, timeout=None)
+        else:
+            transport = httpx.HTTPTransport(uds=route["uds"])
+            out["http_client"] = httpx.Client(transport=transport, timeout=None)
     return out
 
 
@@ -254,7 +268,7 @@ def routed_openai(route: Mapping[str, Any]) -> tuple[type, type]:
 
     class PolicyAsyncOpenAI(openai.AsyncOpenAI):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **_routed_kwargs(route, kwargs))
+            super().__init__(*args, **_routed_kwargs(route, kwargs, asynchronous=True))
 
         async def post(self, path: str, *args: Any, **kwargs: Any) -> Any:
             kwargs["body"] = _policy_body(kwargs.get("body"))
