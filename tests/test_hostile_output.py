@@ -284,3 +284,22 @@ def test_a_harness_cannot_attach_calls_to_another_episode_nor_see_the_token(poli
     assert fine.error is None and len(recorder.calls(honest)) == 1
     token = admin_headers(url)[ADMIN_HEADER]
     assert token not in json.dumps(fine.output)  # not in its environment nor its arguments
+
+
+@pytest.mark.parametrize("at", ["import", "setup"])
+def test_a_hand_written_frame_while_starting_is_the_harness_fault(tmp_path, at):
+    """Attack 8 before the first item: a frame forged by module-level code or by `setup` is
+    refused from its header, not mistaken for the machine killing the worker (no retry)."""
+    forge = 'frame(b"", declared=0xFFFFFFFF)'
+    body = f"{forge}\n" if at == "import" else f"def setup():\n    {forge}\n"
+    harness = tmp_path / "forge.py"
+    harness.write_text(HARNESS + body)
+    with Sandbox(
+        harness, policy_url=None, adapter="base", limits=LIMITS, scratch_root=tmp_path / "s",
+        isolation="guard",
+    ) as box:  # fmt: skip
+        result = box.solve(_item("ok"), "ep-1")
+    kind = ErrorKind.setup if at == "setup" else ErrorKind.invalid_output
+    assert result.error is not None and result.error.kind == kind, result.error
+    assert "invalid reply" in result.error.message and not result.error.infra
+    assert result.attempts == 1 and box.starts == 1

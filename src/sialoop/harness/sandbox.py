@@ -544,7 +544,13 @@ class Sandbox:
                 "(slow module-level code in the harness? one-time work belongs in `setup`)"
             )
             return RolloutError(kind=ErrorKind.timeout, message=message)
-        except (PipeClosed, ValidationError):
+        except (FrameTooLarge, ValidationError) as err:  # hostile: our worker never sends these
+            worker.stop()
+            what = str(err) if isinstance(err, FrameTooLarge) else _first_error(err)
+            message = f"the worker sent an invalid reply {during} ({what}); it was killed"
+            kind = ErrorKind.setup if during == "during setup" else ErrorKind.invalid_output
+            return RolloutError(kind=kind, message=message)
+        except PipeClosed:
             error = _death(worker.stop(_EXIT_GRACE_S), during)
             last = self._read_log().strip().splitlines()[-1:]  # often the reason, e.g. a traceback
             note = f"; last log line: {last[0][:300]}" if last else ""
@@ -553,9 +559,11 @@ class Sandbox:
                 message = f"setup failed ({error.kind.value}): {error.message}"
                 return RolloutError(kind=ErrorKind.setup, message=message)
             return error
-        if reply.error is not None:
+        if reply.error is not None:  # the worker's word: never a machine fault, bounded in size
             worker.stop(_EXIT_GRACE_S)
-            return reply.error
+            return reply.error.model_copy(
+                update={"infra": False, "message": reply.error.message[:_MAX_MESSAGE_CHARS]}
+            )
         return None
 
     def _exchange(self, request: bytes) -> WorkerReply:
