@@ -20,7 +20,7 @@ from sialoop.records import Evaluation, Version
 from sialoop.rollout import RolloutContext, evaluate
 from sialoop.runlock import RunLock
 from sialoop.store import Store
-from sialoop.tasks import Instance, Task, load_task
+from sialoop.tasks import Instance, Task, task_for
 
 
 def val_split(task: Task, cfg: RunConfig) -> tuple[list[Instance], list[Instance]]:
@@ -110,13 +110,7 @@ def score_split(
         previous = store.evaluations(split)
         if split == "test" and not force:
             refuse_repeated_test(store)
-        task = load_task(
-            cfg.task or "",
-            cfg.data,
-            seed=cfg.seed,
-            val_fraction=cfg.split.val_fraction,
-            task_dir=cfg.task_dir,
-        )
+        task = task_for(cfg)
         with ExitStack() as stack:
             url = stack.enter_context(serve_policy(cfg.policy, store, served_adapters(store)))
             if split == "test":

@@ -40,7 +40,7 @@ from sialoop.rollout import evaluate, rollout
 from sialoop.rundir import console_log, remove_scratch, write_run_files
 from sialoop.runlock import RunLock
 from sialoop.store import Store
-from sialoop.tasks import Task, load_task
+from sialoop.tasks import Task, task_for
 
 
 def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
@@ -335,21 +335,11 @@ def _test_note(store: Store, console: Console) -> None:
         )
 
 
-def _task(cfg: RunConfig) -> Task:
-    return load_task(
-        cfg.task or "",
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.split.val_fraction,
-        task_dir=cfg.task_dir,
-    )
-
-
 def run(
     cfg: RunConfig, console: Console, run_id: str | None = None, task: Task | None = None
 ) -> Path:
     """A new run (of `task`, when the caller already loaded it from `cfg`), driven to its end."""
-    task = task or _task(cfg)
+    task = task or task_for(cfg)
     with spinner(console, f"task {task.name}: {task.summary()}"):
         store = new_run(cfg, task, run_id)
     lock = RunLock(store.root, "run").acquire()
@@ -375,10 +365,10 @@ def resume(
             console.print(note, highlight=False, soft_wrap=True)
             lock.release()
             return store.root
+        task = task_for(cfg)
         if cfg != stored:
             store.set_run_config(cfg.model_dump(mode="json"))
-            write_run_files(store.root, cfg.model_dump(mode="json"), store.run_info().task)
-        task = _task(cfg)
+            write_run_files(store.root, cfg.model_dump(mode="json"), str(task.summary()))
     except BaseException:
         lock.release()
         raise

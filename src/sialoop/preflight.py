@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sialoop.config import RunConfig, known_keys, nearest_key, parse_override, validate_tree
 from sialoop.errors import ConfigError, DataError
-from sialoop.tasks import Task, load_task
+from sialoop.tasks import Task, task_for
 
 if TYPE_CHECKING:
     from sialoop.store import Store
@@ -252,13 +252,7 @@ def check_target_modules(targets: tuple[str, ...], path: Path) -> None:
 
 def load_checked_task(cfg: RunConfig) -> Task:
     """The task, loaded (its data errors are already one line) and holding val items."""
-    task = load_task(
-        cfg.task or "",
-        cfg.data,
-        seed=cfg.seed,
-        val_fraction=cfg.split.val_fraction,
-        task_dir=cfg.task_dir,
-    )
+    task = task_for(cfg)
     if not task.instances("val"):
         raise DataError(
             f"task {task.name} has no val items: check its data (--data) and split.val_fraction"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sialoop.tasks.base import ACCURACY, Instance, Metric, Split, Task
 from sialoop.tasks.registry import build_task, resolve_task_class, task_names
+
+if TYPE_CHECKING:
+    from sialoop.config import RunConfig
 
 
 def load_task(
@@ -26,4 +30,17 @@ def load_task(
     return build_task(cls, data=data, seed=seed, val_fraction=val_fraction)
 
 
-__all__ = ["ACCURACY", "Instance", "Metric", "Split", "Task", "load_task", "task_names"]
+def task_for(cfg: RunConfig) -> Task:
+    """The task a run's config names, loaded as `run`, `resume` and `eval` all load it."""
+    return load_task(
+        cfg.task or "",
+        cfg.data,
+        seed=cfg.seed,
+        val_fraction=cfg.split.val_fraction,
+        task_dir=cfg.task_dir,
+    )
+
+
+__all__ = [
+    "ACCURACY", "Instance", "Metric", "Split", "Task", "load_task", "task_for", "task_names",
+]  # fmt: skip
