@@ -216,7 +216,7 @@ def report_data(store: Store) -> dict[str, Any]:
         "val_size": info.config.get("split", {}).get("val_size"),
         "sandbox": info.config.get("sandbox", {}).get("runtime"),
         # what each evaluation ran under: a resume on another machine may differ
-        "isolation": sorted({str(e.detail.get("isolation", "guard")) for e in store.evaluations()}),
+        "isolation": sorted({str(e.detail.get("isolation", "guard")) for e in evaluations}),
         "created_at": info.created_at,
         "last_record_at": max(stamps),
         "started": _iso(info.created_at),
