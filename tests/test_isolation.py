@@ -198,6 +198,40 @@ def admin(p, llm):
         model="policy", prompt="x", max_tokens=1).choices[0].text)
     return got
 
+def race(p):
+    # Swap a scratch path between a decoy folder and the private one while opening through it:
+    # a check-then-open guard loses this race now and then (row 5).
+    base = os.path.join(os.getcwd(), "race")
+    os.makedirs(base + "/decoy", exist_ok=True)
+    with open(base + "/decoy/labels.txt", "w") as f:
+        f.write("decoy")
+    link, stop, got, tries = base + "/x", [], set(), 0
+    def swap():
+        while not stop:
+            for target in (base + "/decoy", p["private_dir"]):
+                try:
+                    os.symlink(target, base + "/tmp")
+                    os.replace(base + "/tmp", link)
+                except BaseException:
+                    pass
+    threading.Thread(target=swap, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while tries < 4000 and time.monotonic() < deadline:
+        tries += 1
+        try:
+            with open(link + "/labels.txt") as f:
+                got.add(f.read(200))
+        except BaseException:
+            pass
+    stop.append(1)
+    _STASH.update(got)
+    return {"tries": tries, "got": sorted(got)}
+
+_STASH = set()
+
+def stash(p):  # a later, clean instance hands over what the race got
+    return sorted(_STASH)
+
 def solve(instance, llm):
     fn = globals()[instance["attack"]]
     if instance["attack"] in ("stray_thread", "admin"):
@@ -290,7 +324,7 @@ def _sandbox(world: dict[str, Any], policy, mode: str, harness: Path | None = No
         harness or world["harness"],
         policy_url=f"http://127.0.0.1:{policy.server_address[1]}/v1",
         adapter="base",
-        limits=LIMITS,
+        limits=kw.pop("limits", LIMITS),
         public_dir=world["public"],
         scratch_root=world["scratch"],
         deny_read=world["deny"],
@@ -400,6 +434,16 @@ def test_row4_pidfd_signal_does_not_reach_the_parent(box, world, request):
     finally:
         signal.signal(signal.SIGURG, previous)
     assert received == []
+
+
+def test_row5_a_check_then_open_race_reads_no_label(box, world, request):
+    if "guard" in request.node.callspec.id:  # the race is won by chance: not strict
+        request.applymarker(pytest.mark.xfail(reason="the guard checks a path, then opens it"))
+    raced = _attack(box, world, "race")
+    later = _attack(box, world, "stash")
+    assert CANARY not in _seen(raced) and CANARY not in _seen(later)
+    assert raced.error is None or raced.error.kind == ErrorKind.forbidden, raced.error
+    assert later.error is None and later.output in ([], ["decoy"]), (later.output, later.error)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -538,3 +582,24 @@ def test_namespaces_without_bubblewrap_is_a_one_line_error(world, policy, monkey
             assert sandbox.isolation == "guard"
     finally:
         iso.namespaces_available.cache_clear()
+
+
+COMPILE = r"""
+def solve(instance, llm):
+    import torch
+    f = torch.compile(lambda x: (x.sin() * 2 + x.cos()).sum())
+    x = torch.randn(64)
+    return abs(f(x).item() - (x.sin() * 2 + x.cos()).sum().item()) < 1e-4
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_BWRAP, reason="torch.compile needs the namespaces mode")
+def test_torch_compile_works_inside_the_namespaces_sandbox(world, policy, tmp_path):
+    harness = tmp_path / "compile.py"
+    harness.write_text(COMPILE)
+    limits = LIMITS.model_copy(update={"timeout_s": 600.0, "memory_mb": 4096, "max_processes": 64})
+    with _sandbox(world, policy, "namespaces", harness=harness, limits=limits) as box:
+        result = box.solve({}, "ep-compile")
+    assert result.error is None, result.error
+    assert result.output is True

@@ -486,6 +486,10 @@ class Namespaces(Guard):
             "USER": "sandbox",  # no /etc/passwd inside; getpass.getuser() reads these
             "LOGNAME": "sandbox",
             POLICY_SOCKET_ENV: INSIDE_SOCKET,  # for clients the harness builds itself
+            # torch.compile's precompiled header (hundreds of MB) exceeds the file-size limit;
+            # without it inductor compiles the same code, a little slower the first time.
+            "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS": "0",
+            "TORCHINDUCTOR_CACHE_DIR": f"{INSIDE_WORK}/.torchinductor",
         }
 
     def config(self, spec: WorkerSpec) -> dict[str, Any]:

@@ -44,7 +44,8 @@ and bubblewrap bugs:
   does not help). Tasks are capped by a pids cgroup of `max_processes` + 8 where one can be
   made (root with a writable /sys/fs/cgroup); the rlimits below still apply.
 - The audit guard still runs inside as a tripwire, but subprocesses, forks and signals to the
-  sandbox's own processes are allowed: they die with it.
+  sandbox's own processes are allowed: they die with it. So torch.compile works (g++ from /usr,
+  its cache in the scratch dir; precompiled headers off, as they exceed the file-size limit).
 Not guaranteed there: the scratch dir's total size (only each file's); a pids cgroup when one
 cannot be made (RLIMIT_NPROC is then not enforced for a root-mapped uid); resident memory and
 CPU share (rlimits only); the harness's threads between instances run on (their calls are
