@@ -192,6 +192,40 @@ def test_prefix_is_reused_across_requests(client, backend, reference, served):
     )
 
 
+def test_a_shared_stem_is_computed_once_across_items_and_scores_as_a_full_forward(
+    client, backend, reference, served
+):
+    """Items whose prompts share an instruction and fixed examples, then differ (the case
+    text): from the third item on only the item's own tokens run, and every option logprob is
+    still a full forward pass's (the stem is longer than the sliding window)."""
+    stem = "说明：" + CONTEXT * 2  # about 140 tokens, sharing no start with other tests
+    cases = [f"第{n}案：被告人{name}窃取财物。\n罪名：" for n, name in enumerate("甲乙丙丁")]
+    spent = []
+    for n, case in enumerate(cases):
+        before = backend.stats["prefix_tokens"]
+        prefix = stem + case
+        response = client.completions.create(
+            model="base",
+            prompt=[prefix + o for o in OPTIONS[:3]],
+            echo=True,
+            max_tokens=0,
+            logprobs=0,
+            extra_body={"echo_logprobs_from": len(prefix)},
+            extra_headers={"X-Sialoop-Episode": f"ep-stem-{n}"},
+        )
+        spent.append(backend.stats["prefix_tokens"] - before)
+        for choice, ids in zip(response.choices, ids_of(served[1], f"ep-stem-{n}"), strict=True):
+            got = choice.logprobs.token_logprobs
+            want = direct_logprobs(reference, ids)
+            assert_close(
+                [g for g in got if g is not None],
+                [w for g, w in zip(got, want, strict=True) if g is not None],
+            )
+    stem_tokens = len(backend.tokenizer(stem)["input_ids"])
+    assert spent[0] > stem_tokens and spent[1] > stem_tokens  # the first: whole; the second: stem
+    assert all(0 < s < 20 for s in spent[2:]), spent  # then each case's own tokens only
+
+
 def test_completion_generates_like_transformers(client, served, reference):
     response = client.completions.create(
         model="base",
@@ -402,3 +436,41 @@ def test_concurrent_requests_are_batched_and_correct(client, served):
     assert got == expected
     assert len(errors) == 1 and "exceeds" in str(errors[0])
     assert batcher.stats["max_rows"] > 1
+
+
+@pytest.mark.parametrize("prefix_len", [1, 5, 40])  # <bos> only; inside; past the window (16)
+def test_packed_suffixes_equal_padded_batches(tiny_model_dir: Path, prefix_len: int):
+    """The packed path (one sequence, block masks) and the padded fallback (the prefix cache
+    repeated per suffix) give the same hidden states, suffixes longer than the window included."""
+    backend = HFBackend(tiny_model_dir, dtype="float32")
+    assert backend._packs  # the tiny Gemma 3 takes masks per layer type
+    suffixes = [[5, 6, 7], [8, 9], list(range(300, 330))]
+    with torch.inference_mode():
+        entry = backend._prefix("base", tuple(range(100, 100 + prefix_len)))
+        packed = backend._run_suffixes(entry, suffixes)
+        backend._packs = False
+        padded = backend._run_suffixes(entry, suffixes)
+    for a, b, s in zip(packed, padded, suffixes, strict=True):
+        assert a.shape == b.shape == (len(s), backend._lm.config.hidden_size)
+        assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_model_calls_run_on_the_one_compute_thread(client, backend, monkeypatch):
+    """Every model call the endpoint serves runs on `sialoop-compute` (see policy/compute.py:
+    a second thread running torch makes every later op slower), and so does `run_compute`."""
+    from sialoop.policy.compute import run_compute
+
+    seen: list[str] = []
+    real = backend.score
+
+    def spy(request):
+        seen.append(threading.current_thread().name)
+        return real(request)
+
+    monkeypatch.setattr(backend, "score", spy)
+    score(client, "ep-thread")
+    assert seen == ["sialoop-compute"]
+    assert run_compute(lambda: threading.current_thread().name) == "sialoop-compute"
+    assert run_compute(run_compute, lambda: 7) == 7  # nested: runs in place, no deadlock
+    with pytest.raises(ZeroDivisionError):
+        run_compute(lambda: 1 / 0)

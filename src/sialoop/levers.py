@@ -28,6 +28,7 @@ from sialoop.config import RunConfig
 from sialoop.errors import PolicyError
 from sialoop.harness.knobs import KnobError, read_declarations
 from sialoop.harness.program import HarnessInvalid, validate_harness
+from sialoop.policy.compute import run_compute
 from sialoop.policy.dtype import resolve_dtype
 from sialoop.policy.launch import resolve_model_dir
 from sialoop.progress import phase_bar
@@ -253,9 +254,10 @@ class WeightsLever:
         )
         lora = LoraSettings(rank=t.rank, alpha=t.alpha, target_modules=t.target_modules)
         out_dir = store.path(f"adapters/{version_id}")
-        summary = method(decision.method or "sft").train(
-            resolve_model_dir(cfg.policy), examples, out_dir, settings, lora, ctx.console
-        )
+        summary = run_compute(  # the endpoint's thread: see sialoop.policy.compute
+            method(decision.method or "sft").train,
+            resolve_model_dir(cfg.policy), examples, out_dir, settings, lora, ctx.console,
+        )  # fmt: skip
         register_adapter(ctx.policy_url, version_id, summary.adapter_dir)
         return _base(parent, decision, version_id).model_copy(
             update={

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sialoop.errors import PolicyError
+from sialoop.policy.compute import run_compute
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -200,10 +201,10 @@ class Batcher:
         self.stats["drains"] += 1
         for job in jobs:
             if job.kind == "call":
-                _settle([job], job.payload)
+                _settle([job], lambda job=job: run_compute(job.payload))
         for job in jobs:
             if job.kind == "score":
-                _settle([job], lambda job=job: self.backend.score(job.payload))
+                _settle([job], lambda job=job: run_compute(self.backend.score, job.payload))
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             if job.kind == "generate":
@@ -218,7 +219,9 @@ class Batcher:
         self.stats["generate_calls"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], rows)
         try:
-            results: list[list[Generation]] = self.backend.generate([j.payload for j in batch])
+            results: list[list[Generation]] = run_compute(
+                self.backend.generate, [j.payload for j in batch]
+            )
         except Exception as err:  # the worker must survive any model failure
             if len(batch) > 1:  # isolate the culprit: one bad request must not fail its batch-mates
                 for job in batch:

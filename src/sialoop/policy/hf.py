@@ -79,6 +79,10 @@ __all__ = ["HFBackend", "PolicyBackend"]  # the contract lives in batcher.py, it
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Full-vocab logits materialised at once: 64 rows x 262,144 x 4 B = 67 MB.
 _HEAD_ROWS = 64
+# A shared start shorter than this is not cached on its own (it would take an LRU slot for little).
+_MIN_STEM = 32
+# Decoders that take {"full_attention": mask, "sliding_attention": mask} as attention_mask.
+_PACKED_MODELS = frozenset({"gemma3_text"})
 
 
 @dataclass(eq=False)
@@ -122,6 +126,7 @@ class HFBackend:
         score_chunk: int = 32,
         threads: int | None = None,
         prefix_cache: int = 8,
+        pack_suffixes: bool = True,
     ) -> None:
         if dtype not in _DTYPES:
             raise PolicyError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
@@ -140,7 +145,9 @@ class HFBackend:
         self._pieces: dict[int, str] = {}
         self.max_batch = max_batch
         self.score_chunk = score_chunk
-        self.stats = {"prefix_hits": 0, "prefix_tokens": 0, "suffix_rows": 0, "head_rows": 0}
+        self.stats = dict.fromkeys(
+            ("prefix_hits", "prefix_tokens", "suffix_rows", "suffix_tokens", "head_rows"), 0
+        )
         config = self._lm.config
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._max_len = getattr(config, "max_position_embeddings", None)
@@ -149,6 +156,12 @@ class HFBackend:
         eos = self._lm.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self._eos = sorted({*eos, *([self._tok.eos_token_id] if self._tok.eos_token_id else [])})
+        # Packed suffixes need a decoder that takes a mask per layer type (`_run_packed`).
+        self._packs = (
+            pack_suffixes
+            and getattr(config, "model_type", "") in _PACKED_MODELS
+            and (config._attn_implementation in ("sdpa", "eager"))
+        )
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -232,22 +245,30 @@ class HFBackend:
         self.stats["head_rows"] += hidden.shape[0]
         return torch.log_softmax(logits, dim=-1)
 
-    def _gather(self, hidden: torch.Tensor, row_of: list[int], targets: list[int], top_n: int):
-        """Per use u: logprob of `targets[u]` under hidden row `row_of[u]`, and that row's top-N.
+    def _gather(
+        self, hidden: torch.Tensor, row_of: list[int], targets: list[int], top_n: int,
+        keep: int | None = None,
+    ):  # fmt: skip
+        """Per use u: logprob of `targets[u]` under hidden row `row_of[u]`, and that row's top-N;
+        with `keep`, also row `keep`'s whole log-softmax (else None).
 
-        Each row's full-vocab log-softmax is computed once, `_HEAD_ROWS` rows at a time.
+        Each row's full-vocab log-softmax is computed once, `_HEAD_ROWS` rows at a time (the LM
+        head's weight is read once per pass, which is most of its cost on CPU).
         """
         lps: list[float] = [0.0] * len(targets)
         tops: list[list[tuple[int, float]] | None] = [None] * len(targets)
+        kept = None
         for a in range(0, hidden.shape[0], _HEAD_ROWS):
             lsm = self._log_softmax(hidden[a : a + _HEAD_ROWS])
+            if keep is not None and a <= keep < a + _HEAD_ROWS:
+                kept = lsm[keep - a].clone()
             top = _topk(lsm, top_n)
             uses = [u for u, r in enumerate(row_of) if a <= r < a + _HEAD_ROWS]
             rows = torch.tensor([row_of[u] - a for u in uses], dtype=torch.long)
             values = lsm[rows, torch.tensor([targets[u] for u in uses], dtype=torch.long)]
             for u, value in zip(uses, values.tolist(), strict=True):
                 lps[u], tops[u] = value, top[row_of[u] - a]
-        return lps, tops
+        return lps, tops, kept
 
     # ---- scoring --------------------------------------------------------------------------------
 
@@ -263,8 +284,9 @@ class HFBackend:
                 split = min(split, *starts)
             with self._use(request.adapter):
                 entry = self._prefix(request.adapter, tuple(encs[0].ids[:split]))
-                self._score_prefix(entry, encs, starts, request.top_n, work)
+                # Suffixes first: their LM head pass also computes the prefix's last row.
                 self._score_suffixes(entry, encs, starts, request.top_n, work)
+                self._score_prefix(entry, encs, starts, request.top_n, work)
         return [
             self._scored(p, e, work, i, request.top_n)
             for i, (p, e) in enumerate(zip(request.prompts, encs, strict=True))
@@ -286,22 +308,25 @@ class HFBackend:
         logprobs = TokenLogprobs(tokens, work.lp[i], tops, [s for s, _ in enc.spans])
         return ScoredPrompt(enc.ids, logprobs)
 
-    def _prefix(self, adapter: str, ids: tuple[int, ...]) -> _Prefix:
-        """The cached prefix `ids`, else computed (extending the longest cached prefix of it)."""
+    def _prefix(self, adapter: str, ids: tuple[int, ...], stems: bool = True) -> _Prefix:
+        """The cached prefix `ids`, else computed: extending the longest cached prefix of it, or
+        (with `stems`) first caching the stem it shares with a cached prefix (see `_stem`)."""
         key = (adapter, ids)
         if (hit := self._prefixes.get(key)) is not None:
             self._prefixes.move_to_end(key)
             self.stats["prefix_hits"] += 1
             return hit
+        cached = [(k, p) for (a, k), p in self._prefixes.items() if a == adapter]
         base = max(
-            (
-                p
-                for (a, k), p in self._prefixes.items()
-                if a == adapter and len(k) < len(ids) and ids[: len(k)] == k
-            ),
+            (p for k, p in cached if len(k) < len(ids) and ids[: len(k)] == k),
             key=lambda p: len(p.ids),
             default=None,
         )
+        stem = self._stem(ids, [k for k, _ in cached]) if stems else 0
+        if stem > (len(base.ids) if base else 0):
+            base = self._prefix(adapter, ids[:stem], stems=False)
+        if base is not None:
+            self._prefixes.move_to_end((adapter, base.ids))
         done = len(base.ids) if base else 0
         cache = copy.deepcopy(base.cache) if base else None
         out = self._lm.get_decoder()(
@@ -316,6 +341,22 @@ class HFBackend:
             self._prefixes.popitem(last=False)
         return entry
 
+    def _stem(self, ids: tuple[int, ...], cached: list[tuple[int, ...]]) -> int:
+        """Length of the longest token prefix `ids` shares with a cached prefix, when it is at
+        least `_MIN_STEM` tokens and shorter than both: the instruction and fixed examples that
+        every item's prompt starts with. Cached on its own, the next item extends it instead of
+        recomputing it (as vLLM's prefix cache and llama.cpp's prompt cache reuse a prompt's
+        start); computing it once costs its tokens once."""
+        best = 0
+        for k in cached:
+            n = min(len(k), len(ids))
+            if n <= max(best, _MIN_STEM - 1):
+                continue
+            common = next((j for j in range(n) if k[j] != ids[j]), n)
+            if common < len(k) and common < len(ids):  # else one holds the other: no stem
+                best = max(best, common)
+        return best if best >= _MIN_STEM else 0
+
     def _score_prefix(
         self, entry: _Prefix, encs: list[_Encoded], starts: list[int], top_n: int, work: _Scores
     ) -> None:
@@ -326,7 +367,7 @@ class HFBackend:
         todo = [p for p in shared if (p, top_n) not in entry.rows]
         if todo:
             targets = [entry.ids[p + 1] for p in todo]
-            lps, tops = self._gather(entry.hidden[todo], list(range(len(todo))), targets, top_n)
+            lps, tops, _ = self._gather(entry.hidden[todo], list(range(len(todo))), targets, top_n)
             entry.rows.update(
                 {(p, top_n): (lp, top) for p, lp, top in zip(todo, lps, tops, strict=True)}
             )
@@ -360,6 +401,13 @@ class HFBackend:
         paths: dict[tuple[int, ...], int] = {}
         rows: list[torch.Tensor] = []
         row_of, targets, where = [], [], []
+        # The row predicting each suffix's first token is the prefix's last: memoised on entry.
+        keep = None
+        if entry.last is None and any(
+            len(e.ids) > n and s <= n for e, s in zip(encs, starts, strict=True)
+        ):
+            keep = 0
+            rows.append(entry.hidden[n - 1])
         for a in range(0, len(todo), self.score_chunk):
             chunk = todo[a : a + self.score_chunk]
             hidden = self._run_suffixes(entry, [encs[i].ids[n:-1] for i in chunk])
@@ -368,15 +416,20 @@ class HFBackend:
                 for j in range(max(starts[i], n + 1), len(ids)):
                     if (path := tuple(ids[n:j])) not in paths:
                         paths[path] = len(rows)
-                        rows.append(hidden[b, j - 1 - n])
+                        rows.append(hidden[b][j - 1 - n])
                     row_of.append(paths[path])
                     targets.append(ids[j])
                     where.append((i, j))
-        lps, tops = self._gather(torch.stack(rows), row_of, targets, top_n)
+        lps, tops, last = self._gather(torch.stack(rows), row_of, targets, top_n, keep)
+        if last is not None:
+            entry.last = last
         for (i, j), lp, top in zip(where, lps, tops, strict=True):
             work.lp[i][j], work.top[i][j] = lp, top
 
-    def _run_suffixes(self, entry: _Prefix, suffixes: list[list[int]]) -> torch.Tensor:
+    def _run_suffixes(self, entry: _Prefix, suffixes: list[list[int]]) -> list[torch.Tensor]:
+        """Hidden states [len(suffix), hidden] of each suffix after the prefix."""
+        if self._packs:
+            return self._run_packed(entry, suffixes)
         n, width = len(entry.ids), max(len(s) for s in suffixes)
         ids = torch.full((len(suffixes), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(suffixes), n + width), dtype=torch.long)
@@ -387,10 +440,48 @@ class HFBackend:
         cache = copy.deepcopy(entry.cache)
         cache.batch_repeat_interleave(len(suffixes))
         self.stats["suffix_rows"] += len(suffixes)
+        self.stats["suffix_tokens"] += sum(len(s) for s in suffixes)
         out = self._lm.get_decoder()(
             input_ids=ids, attention_mask=mask, cache=cache, use_cache=True
         )
-        return out.last_hidden_state
+        return [out.last_hidden_state[b, : len(s)] for b, s in enumerate(suffixes)]
+
+    def _run_packed(self, entry: _Prefix, suffixes: list[list[int]]) -> list[torch.Tensor]:
+        """The suffixes as one sequence after one copy of the prefix cache, each token seeing
+        the prefix and its own suffix's earlier tokens (a block mask per layer type, the sliding
+        window applied to the cache the sliding layers keep): the prefix's KV is neither repeated
+        per suffix nor padded, which on CPU was most of the options' time."""
+        n = len(entry.ids)
+        owner = torch.tensor([b for b, s in enumerate(suffixes) for _ in s])
+        step = torch.tensor([j for s in suffixes for j in range(len(s))])
+        pos = n + step
+        cache = copy.deepcopy(entry.cache)
+        own = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
+        masks = {}
+        for kind in set(self._lm.config.layer_types):
+            layer = cache.layers[self._lm.config.layer_types.index(kind)]
+            kept = layer.keys.shape[-2]  # the prefix tokens this layer's cache holds: the last
+            seen, mine = torch.ones(len(pos), kept, dtype=torch.bool), own
+            if kind == "sliding_attention":
+                window = self._lm.config.sliding_window
+                seen = torch.arange(n - kept, n)[None, :] > pos[:, None] - window
+                mine = own & (step[:, None] - step[None, :] < window)
+            mask = torch.cat([seen, mine], dim=1)[None, None]
+            if self._lm.config._attn_implementation == "eager":  # an additive mask there
+                mask = torch.zeros(mask.shape, dtype=self._lm.dtype).masked_fill(
+                    ~mask, torch.finfo(self._lm.dtype).min
+                )
+            masks[kind] = mask
+        self.stats["suffix_rows"] += len(suffixes)
+        self.stats["suffix_tokens"] += len(pos)
+        out = self._lm.get_decoder()(
+            input_ids=torch.cat([torch.tensor(s, dtype=torch.long) for s in suffixes])[None],
+            attention_mask=masks,
+            position_ids=pos[None],
+            cache=cache,
+            use_cache=True,
+        )
+        return list(out.last_hidden_state[0].split([len(s) for s in suffixes]))
 
     # ---- generation -----------------------------------------------------------------------------
 

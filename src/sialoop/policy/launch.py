@@ -101,20 +101,26 @@ def policy_backend(cfg: PolicyConfig) -> PolicyBackend:
     return BACKENDS[cfg.backend](cfg)
 
 
+def _loaded_backend(cfg: PolicyConfig, adapters: dict[str, Path]) -> PolicyBackend:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    backend = policy_backend(cfg)
+    for name, path in adapters.items():
+        backend.add_adapter(name, path)
+    return backend
+
+
 @contextmanager
 def serve_policy(
     cfg: PolicyConfig, recorder: Recorder, adapters: dict[str, Path] | None = None
 ) -> Iterator[str]:
     """Run the endpoint on a free loopback port for the duration of the block; yields its URL.
     Its admin token (drawn by `PolicyServer`) is reached with `admin_headers(url)`."""
-    import torch
-
+    from sialoop.policy.compute import run_compute
     from sialoop.policy.server import PolicyServer
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    backend = policy_backend(cfg)
-    for name, path in (adapters or {}).items():
-        backend.add_adapter(name, path)
+    backend = run_compute(_loaded_backend, cfg, adapters or {})
     with PolicyServer(backend, recorder) as server:
         yield server.url

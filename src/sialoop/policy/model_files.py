@@ -57,6 +57,12 @@ def embedded_model_dir(home: Path | None = None) -> Path:
     out = home / "models" / EMBEDDED_NAME
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
+    from sialoop.policy.compute import run_compute
+
+    return run_compute(_build_embedded, home, out)  # dequantising is compute: see compute.py
+
+
+def _build_embedded(home: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -47,6 +47,7 @@ from rich.progress import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sialoop.policy.compute import cancelled
 from sialoop.train.base import LoraSettings, TrainError, TrainExample, TrainSettings, TrainSummary
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -415,6 +416,8 @@ def fit(
     with _bar(job.console) as bar:
         task = bar.add_task(job.title, total=total, completed=resumed, loss="-") if bar else None
         while state.step < total:
+            if cancelled():  # Ctrl-C in the thread that waits for this one
+                raise KeyboardInterrupt
             chosen = _batch_indices(items, state.step, settings)
             loss = objective(policy, collate([items[i] for i in chosen], policy.pad))
             loss.backward()
