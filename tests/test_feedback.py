@@ -608,3 +608,65 @@ def test_lever_minutes_start_from_config_and_then_follow_the_run():
     # one measured SFT attempt of 1.5 min: SFT's cost is that, GRPO's scales with it
     ran = agent._minutes(History(outcomes=(outcome(Lever.weights, False, 0.0, 1.5, "sft"),)))
     assert (ran["sft"], ran["grpo"], ran["harness"]) == (1.5, 3.0, 5.0)
+
+
+# -- the cost rule ---------------------------------------------------------------------------
+def with_cost_family(context: FeedbackContext, source: str) -> FeedbackContext:
+    return FeedbackContext(metric=context.metric, declarations=read_declarations(source))
+
+
+LAW_COST = with_cost_family(
+    LAW,
+    """
+PRIOR_WEIGHT = 30.0
+SHORTLIST = 8
+LM_MARGIN = 1.0
+KNOBS = {
+    "SHORTLIST": {"family": "shortlist", "values": [4, 8, 16]},
+    "PRIOR_WEIGHT": {"family": "scoring", "values": [0.0, 1.0, 3.0, 10.0, 30.0]},
+    "LM_MARGIN": {"family": "cost", "values": [1.0, 0.5, 0.2]},
+}
+SIGNALS = {
+    "ranked": {"kind": "ranking", "family": "shortlist"},
+    "prior_ranked": {"kind": "alternative", "family": "scoring", "raises": "PRIOR_WEIGHT",
+                     "bound_family": "shortlist"},
+}
+""",
+)
+# The second task: majority voting over samples, where fewer samples is the cheaper move.
+MATH_COST = with_cost_family(
+    MATH,
+    """
+TEMPERATURE = 0.7
+N_SAMPLES = 8
+KNOBS = {
+    "TEMPERATURE": {"family": "sampling", "float": [0.0, 1.5]},
+    "N_SAMPLES": {"family": "cost", "values": [8, 4, 2, 1]},
+}
+SIGNALS = {"votes": {"kind": "alternative", "family": "sampling"}}
+ANSWER = "answer"
+""",
+)
+
+
+def test_an_answer_that_is_its_alternative_focuses_the_cost_family():
+    """LawBench at v3: the prior decides nearly every answer, so the model's scoring on top of
+    it is the cost to cut; without a cost family the old rule (widen the bound) still leads."""
+    batch = prior_batch(prior_right=12, answer_follows_prior=True)
+    d = decide(batch, context=LAW_COST)
+    assert d.lever is Lever.harness and d.evidence["rule"] == "answer_is_alternative"
+    assert d.settings == {"focus": "cost"}
+    assert "'prior_ranked'" in d.rationale and "100%" in d.rationale
+    assert decide(batch).evidence["rule"] == "answer_bound_by_alternative"  # no cost family
+
+
+def test_a_second_tasks_cost_family_is_focused_when_its_vote_is_the_answer():
+    votes = []
+    for t in vote_batch():
+        answer = t.output["answer"]
+        votes.append(t.model_copy(update={"output": {**t.output, "votes": [answer, "x"]}}))
+    d = decide(votes, context=MATH_COST)
+    assert d.evidence["rule"] == "answer_is_alternative" and d.settings == {"focus": "cost"}
+    some = [t.model_copy(update={"output": {**t.output, "votes": ["x"]}}) if i % 3 == 0 else t
+            for i, t in enumerate(votes)]  # fmt: skip
+    assert decide(some, context=MATH_COST).evidence["rule"] != "answer_is_alternative"  # 65%

@@ -18,7 +18,8 @@ LAWBENCH = template_source("sialoop.tasks.lawbench", "fewshot.py")
 
 def test_the_lawbench_template_declares_its_knobs_and_signals():
     decl = read_declarations(LAWBENCH)
-    assert decl.families == ["examples", "shortlist", "scoring", "format"]
+    assert decl.families == ["examples", "shortlist", "scoring", "format", "cost"]
+    assert decl.values["LM_MARGIN"] == 1.0 and decl.knobs["LM_MARGIN"].kind == "ordered"
     assert decl.family_knobs("shortlist")[0].name == "SHORTLIST_SOURCE"
     assert decl.values["PRIOR_WEIGHT"] == 0.0 and decl.values["SHORTLIST_SOURCE"] == "neighbours"
     assert decl.knobs["PRIOR_WEIGHT"].kind == "ordered"

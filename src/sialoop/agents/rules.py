@@ -12,7 +12,12 @@ the first in this order (alternatives in declaration order):
 - `answer_bound_by_alternative`: the answer follows an alternative in `prior_agreement` of items
   or more and is no better than it (by less than `prior_gap`): focus the signal's
   `bound_family`;
-- `rollout_errors` (timeouts, crashes, other errors): focus as for format failures.
+- `rollout_errors` (timeouts, crashes, other errors): focus as for format failures;
+- `answer_is_alternative` (cost): the answer equals an alternative in `cost_agreement` of items
+  or more, and the harness declares a knob family named "cost" (knobs that cut its own cost:
+  fewer model calls, shorter prompts): focus it. Its share is the agreement (the items whose
+  model work changed nothing), so it leads; the gate accepts the result only as "cheaper",
+  non-inferior and clearly faster, or as better.
 Weights rule `learnable_pattern`: near misses in a ranking signal, or confusions repeated across
 instances. Method: GRPO when sampled groups show reward variance and GRPO fits the budget, else
 SFT. A lever with no firing rule gets a fallback proposal that says so; its `addressable` is
@@ -48,6 +53,8 @@ class OfflineFeedbackSettings(BaseModel):
     prior_gap: float = Field(default=0.05, gt=0, le=1)
     # The answer follows an alternative this often (and gains nothing on it): bound by it.
     prior_agreement: float = Field(default=0.85, gt=0, le=1)
+    # The answer is the alternative this often: the model work on top changes almost nothing.
+    cost_agreement: float = Field(default=0.95, gt=0, le=1)
     # Harness fallback: families focused by this many last harness decisions are skipped.
     recent_focus: int = Field(default=2, ge=1)
     # Weights rule: fewer wrong answers than `min_wrong` are anecdotes, not a pattern.
@@ -89,6 +96,9 @@ class LeverProposal(BaseModel):
     method: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)  # harness: focus; weights: trainer's
     focus: str | None = None  # what the evidence points at, kept in the Decision's evidence
+
+
+COST_FAMILY = "cost"  # the knob family a harness declares for moves that cut its own cost
 
 
 def pct(x: float | None) -> str:
@@ -197,13 +207,29 @@ def _alternative_rules(
     return fired
 
 
+def _cost_rules(ev: Evidence, ctx: FeedbackContext, s: OfflineFeedbackSettings) -> list[_Fired]:
+    if COST_FAMILY not in ctx.declarations.families:
+        return []
+    fired = []
+    for name, a in ev.alternatives.items():
+        if a.n < s.min_wrong or a.agreement < s.cost_agreement:
+            continue
+        why = (
+            f"Harness, {_named(COST_FAMILY)}: the answer is the alternative {name!r} on "
+            f"{a.agreement:.0%} of {a.n} items (threshold {s.cost_agreement:.0%}), so the work "
+            f"done on top of it changes almost nothing: cut it where the score holds."
+        )
+        fired.append(_Fired("answer_is_alternative", COST_FAMILY, why, a.agreement))
+    return fired
+
+
 def harness_rule(
     ev: Evidence, ctx: FeedbackContext, s: OfflineFeedbackSettings
 ) -> LeverProposal | None:
     """The harness rule that addresses most of the batch, or None when none fires (on a tie,
     the first in the module docstring's order)."""
     fired = [*_format_rule(ev, ctx, s), *_absent_rules(ev, ctx, s)]
-    fired += [*_alternative_rules(ev, ctx, s), *_error_rule(ev, ctx, s)]
+    fired += [*_alternative_rules(ev, ctx, s), *_error_rule(ev, ctx, s), *_cost_rules(ev, ctx, s)]
     if not fired:
         return None
     best = max(fired, key=lambda r: r.share)

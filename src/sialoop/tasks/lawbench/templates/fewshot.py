@@ -27,6 +27,9 @@ SHORTLIST_SOURCE = "neighbours"  # "neighbours" (TF-IDF nearest train cases) or 
 NEIGHBOURS = 40
 PRIOR_WEIGHT = 0.0  # weight of log(shortlist prior) added to the option's log-probability
 NORMALIZE = "sum"  # "sum" or "mean" of the option's token log-probabilities
+# The policy scores the shortlist only when the prior's first option leads its second by at
+# most this (in prior probability); above it the prior alone answers. 1.0: always score.
+LM_MARGIN = 1.0
 INSTRUCTION = "根据案情描述，判断被告人的罪名。\n\n"
 TEMPLATE = "案情：{text}\n罪名：{label}\n\n"
 
@@ -41,6 +44,8 @@ KNOBS = {
     "PRIOR_WEIGHT": {"family": "scoring", "values": [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]},
     "NORMALIZE": {"family": "scoring", "choices": ["sum", "mean"]},
     "QUERY_CHARS": {"family": "format", "int": [200, 1200], "step": 200},
+    # Cheaper first: a smaller margin sends more items to the prior alone (no model call).
+    "LM_MARGIN": {"family": "cost", "values": [1.0, 0.5, 0.3, 0.2, 0.1]},
 }
 SIGNALS = {
     # The final ranking of the shortlist: is gold in it, and how high?
@@ -187,13 +192,18 @@ def solve(instance, llm):
     else:
         options = shortlist(near) or _OPTIONS
         prior = neighbour_prior(near, options)
-    scores = score_options(
-        llm, prompt(instance["text"], near), options, suffix="\n", normalize=NORMALIZE
-    )
-    if PRIOR_WEIGHT:
-        scores = [
-            s + PRIOR_WEIGHT * float(np.log(p + 1e-3)) for s, p in zip(scores, prior, strict=True)
-        ]
+    ordered = sorted(prior, reverse=True)
+    if len(options) > 1 and ordered[0] - ordered[1] > LM_MARGIN:
+        scores = [float(np.log(p + 1e-3)) for p in prior]  # the prior alone: no model call
+    else:
+        scores = score_options(
+            llm, prompt(instance["text"], near), options, suffix="\n", normalize=NORMALIZE
+        )
+        if PRIOR_WEIGHT:
+            scores = [
+                s + PRIOR_WEIGHT * float(np.log(p + 1e-3))
+                for s, p in zip(scores, prior, strict=True)
+            ]
     ranked = [o for _, o in sorted(zip(scores, options, strict=True), key=lambda pair: -pair[0])]
     # The prior's own ranking lets the Feedback-Agent see whether the final answer uses it well.
     prior_ranked = [o for _, o in sorted(zip(prior, options, strict=True), key=lambda p: -p[0])]
