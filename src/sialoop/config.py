@@ -56,9 +56,9 @@ class SandboxConfig(_Section):
 
 class LoopConfig(_Section):
     generations: int = Field(default=8, ge=0)  # generations after generation 0
-    minutes: float = Field(default=25.0, ge=0)  # wall budget of those generations
+    minutes: float = Field(default=9.0, ge=0)  # wall budget of those generations
     train_batch: int = Field(default=48, ge=2)  # train items rolled out per generation
-    train_items: int = Field(default=160, ge=2)  # train items whose prompts feed the trainer
+    train_items: int = Field(default=96, ge=2)  # train items whose prompts feed the trainer
     levers: tuple[Literal["harness", "weights"], ...] = Field(
         default=("harness", "weights"), min_length=1
     )  # the levers the Feedback-Agent may pull (one of them for a harness- or weights-only run)
@@ -83,9 +83,9 @@ class AgentsConfig(_Section):
     meta: str = "offline"  # the Meta-Agent
     # The first guess of one attempt's minutes, per lever; once the lever has history on this
     # run, the run's own measured costs replace it.
-    harness_minutes: float = Field(default=5.0, gt=0)
-    sft_minutes: float = Field(default=20.0, gt=0)
-    grpo_minutes: float = Field(default=40.0, gt=0)
+    harness_minutes: float = Field(default=1.5, gt=0)
+    sft_minutes: float = Field(default=3.5, gt=0)
+    grpo_minutes: float = Field(default=7.0, gt=0)
 
 
 class TrainConfig(_Section):
@@ -94,7 +94,7 @@ class TrainConfig(_Section):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lr: float = Field(default=2e-4, gt=0)
     batch_size: int = Field(default=4, ge=1)
-    max_steps: int = Field(default=40, ge=1)
+    max_steps: int = Field(default=24, ge=1)
     max_len: int = Field(default=640, ge=16)
     checkpoint_every: int = Field(default=10, ge=0)
 
