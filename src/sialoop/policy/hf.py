@@ -10,9 +10,14 @@ Scoring (`score`, the hot path of option-ranking harnesses) guarantees:
 - the longest common token prefix of a request's prompts runs once; its KV cache, final hidden
   states and computed logprobs stay in a small LRU keyed by (adapter, exact prefix ids), so the
   same prefix sent again (or extended) is not recomputed; cached caches are copied, never mutated;
-- the suffixes run as right-padded batches of `score_chunk` over a copy of the prefix cache, and
-  full-vocabulary logits exist only for positions whose logprob is returned (`_HEAD_ROWS` rows at
-  a time), once per distinct token path (options sharing leading tokens share those rows).
+- across requests, the start a new prefix shares with a cached one (at least `_MIN_STEM` tokens:
+  an instruction and fixed examples before each item's own text) is cached on its own the first
+  time it is seen, so later items run only their own tokens;
+- the suffixes run packed into one sequence per `score_chunk` prompts over one copy of the prefix
+  cache, with a block mask per layer type (Gemma 3; other decoders: right-padded batches over a
+  repeated cache), and full-vocabulary logits exist only for positions whose logprob is returned
+  (`_HEAD_ROWS` rows at a time, the prefix's last row in the same pass), once per distinct token
+  path (options sharing leading tokens share those rows).
 
 Extension, `logprobs_from` (the HTTP field `echo_logprobs_from`): a character offset into each
 prompt; tokens whose text ends at or before it get logprob None and their logits are never
