@@ -50,6 +50,7 @@ from sialoop.tasks import task_for
 
 OUT = Path(__file__).parent / "results" / "item_profile.json"
 BEST_KNOBS = {"SHORTLIST_SOURCE": "classifier", "PRIOR_WEIGHT": 30.0}
+CHEAP_KNOBS = {**BEST_KNOBS, "LM_MARGIN": 0.5}  # the default run's accepted cost move
 
 
 def parse_args() -> argparse.Namespace:
@@ -228,10 +229,12 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     reference = ("generation0", task.reference_harness())
     harnesses = [((h.stem, h.read_text(encoding="utf-8")), {}) for h in args.harness or []] or [
-        (reference, {}), (reference, BEST_KNOBS)]  # fmt: skip
+        (reference, {}), (reference, BEST_KNOBS), (reference, CHEAP_KNOBS)]  # fmt: skip
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     # All torch work on the endpoint's compute thread, as in a run (see sialoop.policy.compute).
+    start = time.perf_counter()
     backend = run_compute(HFBackend, embedded_model_dir(), dtype=dtype)
+    load_s = time.perf_counter() - start
     params, vocab, hidden = non_embedding_params(backend)
     inner = backend._lm.config.intermediate_size
     rate = run_compute(gemm_rate, torch_dtype, hidden, inner)
@@ -243,7 +246,12 @@ def main() -> None:
                     "native_bf16": native_bf16(), "torch_threads": torch.get_num_threads()},
         "dtype": dtype, "items": len(items), "gemm_flops": rate,
         "non_embedding_params": params, "vocab": vocab, "hidden": hidden, "harnesses": {},
+        "model_load_s": load_s,
     }  # fmt: skip
+    start = time.perf_counter()
+    with PolicyServer(backend, MemoryRecorder()):
+        results["endpoint_start_s"] = time.perf_counter() - start
+    print(f"model load {load_s:.1f} s, endpoint start {results['endpoint_start_s']:.2f} s")
     print(f"{results['machine']}  dtype {dtype}  GEMM {rate / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         public = Path(tmp) / "public"

@@ -604,10 +604,10 @@ def test_lever_minutes_start_from_config_and_then_follow_the_run():
     cfg = load_config(None, {"task": "toy", "agents.sft_minutes": 4.0, "agents.grpo_minutes": 8.0})
     agent = feedback_agent(cfg)
     guess = agent._minutes(History(outcomes=()))
-    assert (guess["sft"], guess["grpo"], guess["harness"]) == (4.0, 8.0, 5.0)
+    assert (guess["sft"], guess["grpo"], guess["harness"]) == (4.0, 8.0, 1.5)
     # one measured SFT attempt of 1.5 min: SFT's cost is that, GRPO's scales with it
     ran = agent._minutes(History(outcomes=(outcome(Lever.weights, False, 0.0, 1.5, "sft"),)))
-    assert (ran["sft"], ran["grpo"], ran["harness"]) == (1.5, 3.0, 5.0)
+    assert (ran["sft"], ran["grpo"], ran["harness"]) == (1.5, 3.0, 1.5)
 
 
 # -- the cost rule ---------------------------------------------------------------------------
