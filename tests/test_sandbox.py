@@ -280,6 +280,21 @@ def sandbox(task_dir: Path, policy: ThreadingHTTPServer) -> Iterator[Sandbox]:
             yield box
 
 
+@pytest.fixture(scope="module")
+def patient(task_dir: Path, policy: ThreadingHTTPServer) -> Iterator[Sandbox]:
+    """The same sandbox with a timeout that holds on a loaded machine, for tests whose outcome
+    must not be a timeout (an allocation reaching the memory limit, importing sklearn)."""
+    with Sandbox(
+        task_dir / "harness.py",
+        policy_url=_url(policy),
+        adapter=ADAPTER,
+        limits=LIMITS.model_copy(update={"timeout_s": 120.0}),
+        public_dir=task_dir / "public",
+        scratch_root=task_dir / "scratch-patient",
+    ) as box:
+        yield box
+
+
 def _solve(box: Sandbox, mode: str, **fields: Any) -> SandboxResult:
     return box.solve({"id": uuid.uuid4().hex[:8], "mode": mode, **fields}, f"ep-{mode}")
 
@@ -347,10 +362,10 @@ def test_timeout_kills_the_worker_group_and_the_next_instance_works(sandbox):
 
 
 @pytest.mark.parametrize("mode", ["alloc", "alloc_numpy"])
-def test_memory_blowup_is_contained(sandbox, mode):
-    result = _solve(sandbox, mode)
+def test_memory_blowup_is_contained(patient, mode):
+    result = _solve(patient, mode)
     assert result.error.kind == ErrorKind.memory, result.error
-    _assert_recovers(sandbox)
+    _assert_recovers(patient)
 
 
 @pytest.mark.parametrize("mode", ["fork", "spawn", "multiprocess"])
@@ -416,11 +431,11 @@ def test_huge_file_stops_at_the_file_size_limit(sandbox):
     _assert_recovers(sandbox)
 
 
-def test_everyday_file_work_and_sklearn_are_allowed(sandbox):
-    result = _solve(sandbox, "files")
+def test_everyday_file_work_and_sklearn_are_allowed(patient):
+    result = _solve(patient, "files")
     assert result.error is None, result.error
     assert result.output == ["train.txt", "alpha beta gamma"]
-    result = _solve(sandbox, "sklearn")
+    result = _solve(patient, "sklearn")
     assert result.error is None, result.error
     assert result.output == 0 and "blocked" not in result.logs
 
