@@ -463,7 +463,6 @@ def test_row6_module_level_code_at_validation_reads_no_label(
 
 
 def test_row9_admin_route_and_forged_episode_are_refused(box, world, policy, request):
-    _guard_xfail(request, "the harness reaches the endpoint's TCP port and sets its own headers")
     before = len(policy.calls)
     _attack(box, world, "admin", episode="ep-admin")
     calls = policy.calls[before:]
@@ -508,7 +507,6 @@ def test_ten_gigabytes_is_a_memory_error(box, world):
 def test_a_thread_left_running_spends_no_calls_between_or_for_other_episodes(
     box, world, policy, request
 ):
-    _guard_xfail(request, "the stray thread's client keeps its episode header and its socket")
     start = len(policy.calls)
     _attack(box, world, "stray_thread", episode="ep-stray")
     ended = time.monotonic()

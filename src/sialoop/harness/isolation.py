@@ -420,40 +420,12 @@ class WorkerSpec:
 
 
 class Guard:
-    """The audit guard only (`harness/guard.py`): the worker runs as the parent's user."""
+    """The audit guard (`harness/guard.py`): the worker runs as the parent's user. It reaches
+    the endpoint through the same policy bridge as under namespaces, and the guard lets it
+    connect to the bridge's socket only, so a pure-Python harness can neither reach the
+    endpoint's TCP port (the admin route) nor set its own episode or adapter headers."""
 
     name = "guard"
-
-    def __init__(self, policy_url: str | None, adapter: str):
-        pass
-
-    @contextlib.contextmanager
-    def episode(self, episode_id: str) -> Iterator[None]:
-        yield  # the worker sets the episode header itself
-
-    def public_link(self, public: Path) -> Path | str:
-        return public
-
-    def env(self, env: dict[str, str], workdir: Path) -> dict[str, str]:
-        return env
-
-    def config(self, spec: WorkerSpec) -> dict[str, Any]:
-        return {}  # WorkerConfig as the parent sees the paths
-
-    def launch(self, argv: list[str], spec: WorkerSpec) -> tuple[list[str], PidsCgroup | None]:
-        return argv, None
-
-    def exit_status(self, code: int) -> int:
-        return code
-
-    def close(self) -> None:
-        pass
-
-
-class Namespaces(Guard):
-    """bubblewrap, a pids cgroup and the policy bridge, with the guard still inside."""
-
-    name = "namespaces"
 
     def __init__(self, policy_url: str | None, adapter: str):
         from sialoop.harness.worker import ADAPTER_HEADER, EPISODE_HEADER
@@ -474,6 +446,35 @@ class Namespaces(Guard):
             yield
         finally:
             self._bridge.episode = None
+
+    def public_link(self, public: Path) -> Path | str:
+        return public
+
+    def env(self, env: dict[str, str], workdir: Path) -> dict[str, str]:
+        if self._bridge is None:
+            return env
+        return env | {POLICY_SOCKET_ENV: str(self._bridge.path)}
+
+    def config(self, spec: WorkerSpec) -> dict[str, Any]:
+        if self._bridge is None or not spec.has_policy:
+            return {}  # WorkerConfig as the parent sees the paths
+        return {"policy_url": INSIDE_URL, "policy_socket": str(self._bridge.path)}
+
+    def launch(self, argv: list[str], spec: WorkerSpec) -> tuple[list[str], PidsCgroup | None]:
+        return argv, None
+
+    def exit_status(self, code: int) -> int:
+        return code
+
+    def close(self) -> None:
+        if self._bridge is not None:
+            self._bridge.close()
+
+
+class Namespaces(Guard):
+    """bubblewrap, a pids cgroup and the policy bridge, with the guard still inside."""
+
+    name = "namespaces"
 
     def public_link(self, public: Path) -> Path | str:
         return INSIDE_PUBLIC
@@ -516,10 +517,6 @@ class Namespaces(Guard):
 
     def exit_status(self, code: int) -> int:
         return exit_status(code)  # bubblewrap's 128 + N for a child killed by N
-
-    def close(self) -> None:
-        if self._bridge is not None:
-            self._bridge.close()
 
 
 ISOLATIONS: dict[str, type[Guard]] = {"guard": Guard, "namespaces": Namespaces}

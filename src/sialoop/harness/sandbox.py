@@ -51,7 +51,10 @@ cannot be made (RLIMIT_NPROC is then not enforced for a root-mapped uid); reside
 CPU share (rlimits only); the harness's threads between instances run on (their calls are
 refused); the worker's pid inside is not its host pid (`worker_pid` is bubblewrap's).
 
-Under "guard" everything below holds and nothing above.
+Under "guard" everything below holds and, of the above, only the policy bridge: the worker's
+client talks to the bridge's Unix socket, the guard lets it connect to nothing else (not the
+endpoint's TCP port), and the bridge stamps the episode, adapter and key and refuses calls
+between instances, as under namespaces (native code can still connect elsewhere).
 
 Guaranteed (for a harness that does not deliberately attack the sandbox):
 - Wall-clock `timeout_s` per instance, enforced by the parent: SIGKILL to the worker's whole
@@ -65,7 +68,7 @@ Guaranteed (for a harness that does not deliberately attack the sandbox):
 - An audit hook (`guard.AuditGuard`) refusing, with PermissionError and ErrorKind.forbidden
   even if the harness catches it: fork/exec/spawn/subprocess/system (including
   `_posixsubprocess.fork_exec`, which multiprocessing and joblib's loky use); connecting or
-  sending to anything but the policy endpoint's host:port; binding outside loopback; DNS
+  sending to anything but the policy bridge's socket; binding outside loopback; DNS
   lookups of other names; raw sockets; writes, deletes, renames and chmods outside the scratch
   directory (so `public/` is read-only); reads of other processes' `/proc/<pid>` (their
   environment) and of the usual secrets locations in the parent's HOME; signals to other
