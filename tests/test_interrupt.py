@@ -35,6 +35,16 @@ def solve(instance, llm):
 """
 
 
+# The run as a user starts it from a terminal, where Ctrl-C raises KeyboardInterrupt. A test
+# runner started in the background by a non-interactive shell (`make test &`, nohup, some CI)
+# ignores SIGINT, and an ignored SIGINT stays ignored in its children: the run would then
+# rightly ignore it too.
+CLI_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'sialoop'; runpy.run_module('sialoop.cli', run_name='__main__')"
+)
+
+
 def _count(db: Path, split: str) -> int:
     if not db.exists():
         return 0
@@ -62,7 +72,7 @@ def test_sigint_in_a_rollout_stops_the_run_and_resume_completes(tmp_path, tiny_m
         "--set", "sandbox.isolation='guard'",
     ]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sialoop.cli", *args],
+        [sys.executable, "-c", CLI_WITH_CTRL_C, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
