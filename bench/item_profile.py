@@ -92,7 +92,6 @@ def instrument(backend: HFBackend, clock: Clock) -> None:
         ("_prefix", "prompt forward"),
         ("_run_suffixes", "option forward"),
         ("_log_softmax", "LM head"),
-        ("score", "backend other"),
     ]:
         fn = getattr(backend, attr)
 

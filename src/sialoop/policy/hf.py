@@ -131,7 +131,6 @@ class HFBackend:
         score_chunk: int = 32,
         threads: int | None = None,
         prefix_cache: int = 8,
-        pack_suffixes: bool = True,
     ) -> None:
         if dtype not in _DTYPES:
             raise PolicyError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
@@ -162,10 +161,8 @@ class HFBackend:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self._eos = sorted({*eos, *([self._tok.eos_token_id] if self._tok.eos_token_id else [])})
         # Packed suffixes need a decoder that takes a mask per layer type (`_run_packed`).
-        self._packs = (
-            pack_suffixes
-            and getattr(config, "model_type", "") in _PACKED_MODELS
-            and (config._attn_implementation in ("sdpa", "eager"))
+        self._packs = getattr(config, "model_type", "") in _PACKED_MODELS and (
+            config._attn_implementation in ("sdpa", "eager")
         )
 
     @property
