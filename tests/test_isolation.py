@@ -12,11 +12,10 @@ import signal
 import socket
 import sqlite3
 import sysconfig
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from sialoop.errors import ConfigError
 from sialoop.harness import isolation as iso
 from sialoop.harness.sandbox import Sandbox, SandboxLimits, SandboxResult
 from sialoop.records import ErrorKind
+from stub_policy import stub_policy
 
 CANARY = "LABEL-CANARY-" + uuid.uuid4().hex[:10]
 SCRATCH_CANARY = "SCRATCH-CANARY-" + uuid.uuid4().hex[:10]
@@ -248,39 +248,10 @@ def solve(instance, llm):
 """
 
 
-class _Policy(BaseHTTPRequestHandler):
-    def _record(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        self.server.calls.append(  # type: ignore[attr-defined]
-            {"t": time.monotonic(), "path": self.path,
-             "headers": {k.lower(): v for k, v in self.headers.items()}}
-        )  # fmt: skip
-        body = json.dumps({
-            "id": "c", "object": "text_completion", "created": 0, "model": "policy",
-            "choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "logprobs": None}],
-        }).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET = _record
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def policy() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Policy)
-    server.daemon_threads = True
-    server.calls = []  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with stub_policy() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

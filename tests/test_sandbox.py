@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import pytest
 from sialoop.harness.program import HarnessInvalid, load_harness, validate_harness
 from sialoop.harness.sandbox import Sandbox, SandboxLimits, SandboxResult
 from sialoop.records import ErrorKind
+from stub_policy import stub_policy
 
 ADAPTER = "v3"
 COMPLETION_TEXT = " blue"
@@ -179,50 +180,10 @@ HARNESS = textwrap.dedent(
 
 
 # -- a policy endpoint and a bystander listener on loopback -----------------------------------
-class _PolicyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real endpoint
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        self.server.calls.append({"path": self.path, "headers": headers, "body": body})  # type: ignore[attr-defined]
-        payload = json.dumps(
-            {
-                "id": "cmpl-1",
-                "object": "text_completion",
-                "created": 0,
-                "model": "policy",
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": COMPLETION_TEXT,
-                        "finish_reason": "length",
-                        "logprobs": None,
-                    }
-                ],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def policy() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _PolicyHandler)
-    server.daemon_threads = True
-    server.calls = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with stub_policy(COMPLETION_TEXT, "length") as server:
+        yield server
 
 
 def _url(server: ThreadingHTTPServer) -> str:
