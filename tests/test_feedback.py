@@ -670,3 +670,20 @@ def test_a_second_tasks_cost_family_is_focused_when_its_vote_is_the_answer():
     some = [t.model_copy(update={"output": {**t.output, "votes": ["x"]}}) if i % 3 == 0 else t
             for i, t in enumerate(votes)]  # fmt: skip
     assert decide(some, context=MATH_COST).evidence["rule"] != "answer_is_alternative"  # 65%
+
+
+def test_a_measurement_task_with_a_cost_family_gets_no_cost_rule_without_a_gold():
+    """Agreement with an alternative is measured against gold answers; a lower-is-better
+    program task has none, so its cost family is reached only through the search (a `cost`
+    signal is declared by the Task API but not read by the agents yet)."""
+    context = FeedbackContext(
+        metric=MSE.metric,
+        declarations=read_declarations(
+            'BLOCK = 64\nKNOBS = {"BLOCK": {"family": "cost", "values": [64, 32, 16]}}\n'
+            'SIGNALS = {"baseline": {"kind": "alternative", "family": "cost"}}\n'
+        ),
+    )
+    batch = [t.model_copy(update={"output": {**t.output, "baseline": "x"}}) for t in mse_batch()]
+    d = decide(batch, context=context)
+    assert d.evidence.get("rule") != "answer_is_alternative"
+    assert d.evidence["alternatives"] == {}
