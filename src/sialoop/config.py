@@ -252,6 +252,30 @@ def config_from_tree(tree: dict[str, Any], overrides: dict[str, Any] | None = No
     return config.model_copy(update=update) if update else config
 
 
+def _merged(defaults: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in tree.items():
+        below = out.get(key)
+        out[key] = (
+            _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def with_task_defaults(tree: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`tree` over the `config_defaults` of the task it (or `overrides`) names: a task states
+    the limits and budget it needs, and a config file or --set still wins."""
+    name = (overrides or {}).get("task") or tree.get("task")
+    if not isinstance(name, str) or not name:
+        return tree
+    from sialoop.tasks.registry import resolve_task_class
+
+    defaults = getattr(resolve_task_class(name), "config_defaults", None) or {}
+    return _merged(defaults, tree) if defaults else tree
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read `path` (TOML) if given, apply dotted `overrides`, validate; errors are one line."""
-    return config_from_tree(read_toml(path) if path is not None else {}, overrides)
+    """Read `path` (TOML) if given, under the named task's `config_defaults`, apply dotted
+    `overrides`, validate; errors are one line."""
+    tree = read_toml(path) if path is not None else {}
+    return config_from_tree(with_task_defaults(tree, overrides), overrides)

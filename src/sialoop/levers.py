@@ -164,7 +164,7 @@ class HarnessLever:
         base = _base(parent, decision, version_id)
         if proposal is None:
             return broken(base, "no untried knob setting left (or the harness declares no knobs)")
-        new = self.meta.write(source, proposal)
+        new = ctx.task.adapt_harness(self.meta.write(source, proposal))
         diff = "".join(
             difflib.unified_diff(
                 source.splitlines(keepends=True),

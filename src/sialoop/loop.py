@@ -61,7 +61,9 @@ def generation_zero(store: Store, task: Task, cfg: RunConfig) -> Version:
     """Write and validate the first harness; a broken one stops the run with its error."""
     if store.versions():
         return store.version("v0")
-    source = cfg.harness.read_text() if cfg.harness else task.reference_harness()
+    source = task.adapt_harness(
+        cfg.harness.read_text() if cfg.harness else task.reference_harness()
+    )
     version = Version(
         version_id="v0",
         run_id=store.run_info().run_id,
@@ -199,7 +201,7 @@ def _gate_settings(ctx: LoopContext) -> GateSettings:
     g = ctx.cfg.gate
     return GateSettings(
         alpha=g.alpha,
-        min_gain=g.min_gain,
+        min_gain=max(g.min_gain, ctx.task.noise_margin()),
         noninferiority_margin=g.noninferiority_margin,
         cheaper=g.cheaper,
         noise=ctx.task.noise if g.noise == "task" else g.noise,

@@ -376,6 +376,13 @@ class Sandbox:
         worker = self._worker
         return worker.proc.pid if worker is not None else None
 
+    @property
+    def workdir(self) -> Path | None:
+        """The live worker's scratch dir as this process sees it (a program task reads the
+        files its trusted wrapper writes there), or None between workers."""
+        worker = self._worker
+        return worker.workdir if worker is not None else None
+
     def start(self) -> RolloutError | None:
         """Start the worker now unless one is running; why it could not start, or None."""
         with self._lock:

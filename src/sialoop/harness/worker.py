@@ -24,6 +24,7 @@ What the guard does and does not stop is listed in `sialoop.harness.sandbox`'s d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -291,7 +292,15 @@ def _user_task_count() -> int:
     return total
 
 
+def _prefer_for_oom() -> None:
+    """Make this worker the OOM killer's first choice, before the loop and the endpoint: raising
+    one's own score needs no privilege. Without a writable /proc it stays as it was."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+
+
 def _limit_resources(config: WorkerConfig) -> None:
+    _prefer_for_oom()
     _set_limit(resource.RLIMIT_AS, config.memory_mb * _MB)
     _set_limit(resource.RLIMIT_FSIZE, config.file_size_mb * _MB)
     _set_limit(resource.RLIMIT_CORE, 0)

@@ -88,6 +88,9 @@ class Task(ABC):
     name: str
     metric: ClassVar[Metric] = ACCURACY
     noise: ClassVar[Literal["items", "units"]] = "items"
+    # Config keys this task needs other defaults for (a tree like the TOML's: sandbox limits,
+    # loop budget); a config file and --set still override them.
+    config_defaults: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def spec(self) -> str:
@@ -108,6 +111,17 @@ class Task(ABC):
     @abstractmethod
     def reference_harness(self) -> str:
         """Source of the generation-0 harness."""
+
+    def adapt_harness(self, source: str) -> str:
+        """The harness file to run for `source` (a user's file, a Meta-Agent's): unchanged
+        here; a program task may accept its bare program as a harness answering itself."""
+        return source
+
+    def noise_margin(self) -> float:
+        """The least gain, in the metric's units, a re-measurement of an unchanged version can
+        show by chance, when the task can measure it (a timing): the gate's `min_gain` is at
+        least this. 0.0: the gate's tests alone account for noise."""
+        return 0.0
 
     def aggregate(self, scores: Sequence[Score | None]) -> float | None:
         """The split's value from per-instance scores, by `metric.aggregate`. An unscored item

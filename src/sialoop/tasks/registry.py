@@ -30,6 +30,7 @@ BUILTIN: dict[str, str] = {
     "toy": "sialoop.tasks.toy:ToyTask",
     "arith": "sialoop.tasks.arith:ArithTask",
     "sortcost": "sialoop.tasks.sortcost:SortCostTask",
+    "trimul": "sialoop.tasks.trimul:TriMulTask",
 }
 
 
