@@ -60,6 +60,7 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar
@@ -179,18 +180,25 @@ class _Runner:
             isolation=isolation,
         )
         self.sandbox.__enter__()
+        error = self.sandbox.start()  # the worker's start-up is never on a run's clock
+        if error is not None:
+            self.close()
+            raise ProgramFailed(f"{error.kind.value}: {error.message[:500]}")
 
     def run(self, name: str, device: str, threads: int) -> tuple[torch.Tensor, dict, float]:
         """(output, the wrapper's reply, wall seconds measured here) for input `name`."""
-        start = time.perf_counter()
         job = {"program": self.program, "input": name, "device": device, "threads": threads}
+        starts = self.sandbox.starts
+        start = time.perf_counter()
         result = self.sandbox.solve(job, new_id("trimul"))
         wall = time.perf_counter() - start
         if result.error is not None:
             raise ProgramFailed(f"{result.error.kind.value}: {result.error.message[:500]}")
+        if self.sandbox.starts != starts:  # a worker's start-up was on this run's clock
+            raise ProgramFailed("the worker restarted during a run: its time is not the kernel's")
         reply = result.output if isinstance(result.output, dict) else {}
         kernel_s, io_s = reply.get("kernel_s"), reply.get("io_s")
-        if not all(isinstance(v, int | float) and v >= 0 for v in (kernel_s, io_s)):
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (kernel_s, io_s)):
             raise ProgramFailed("the wrapper's answer holds no timing")
         workdir = self.sandbox.workdir
         if workdir is None:
@@ -281,6 +289,7 @@ class TriMulTask(Task):
         )
         self._isolation = isolation
         self._lock = threading.Lock()
+        self._runtime = ThreadPoolExecutor(1, thread_name_prefix="trimul-runtime")
         self._reference: _Runner | None = None
         self._program: tuple[str, _Runner] | None = None
         self._ref_out: dict[str, Path] = {}
@@ -304,6 +313,18 @@ class TriMulTask(Task):
 
     def reference_harness(self) -> str:
         return template_source(__package__, "kernel.py")
+
+    def write_public(self, dest: Path) -> None:
+        """The spec, the train split, and for generator harnesses the kernel template with its
+        knobs' choices (`kernel_template.py`, `kernel_knobs.json`)."""
+        from sialoop.harness.knobs import read_declarations
+
+        super().write_public(dest)
+        template = template_source(__package__, "kernel.py")
+        (dest / "kernel_template.py").write_text(template)
+        knobs = read_declarations(template).knobs
+        choices = {name: list(k.choices) for name, k in knobs.items()}
+        (dest / "kernel_knobs.json").write_text(json.dumps(choices))
 
     def adapt_harness(self, source: str) -> str:
         """A file defining `custom_kernel` and no `solve` becomes a harness answering itself."""
@@ -354,10 +375,22 @@ class TriMulTask(Task):
         if len(source) > _MAX_PROGRAM_CHARS:
             raise ValueError(f"the program is longer than {_MAX_PROGRAM_CHARS} characters")
         digest = hashlib.sha256(source.encode()).hexdigest()
-        with self._lock:  # one kernel at a time, whatever sandbox.workers says
+        # Workers die with the thread that started them (a parent-death signal is per thread)
+        # and a rollout's threads end with it: the task's own thread owns them. It is also one
+        # thread: one kernel at a time, whatever sandbox.workers says.
+        return self._runtime.submit(self._score_once, instance, source, digest).result()
+
+    def _score_once(self, instance: Instance, source: str, digest: str) -> Score:
+        with self._lock:
             key = (digest, instance.id)
             if key not in self._scores:
-                self._scores[key] = self._measure(instance, source, digest)
+                try:
+                    self._scores[key] = self._measure(instance, source, digest)
+                except ProgramFailed as err:
+                    label = instance.inputs["case"]["label"]
+                    if not str(err).startswith(label):  # every failure names its shape
+                        raise ProgramFailed(f"{label}: {err}") from None
+                    raise
             return self._scores[key]
 
     def _measure(self, instance: Instance, source: str, digest: str) -> Score:
@@ -512,7 +545,11 @@ def _agreeing(reply: dict, wall: float, what: str) -> float:
     """The wrapper's kernel seconds, if they and its I/O seconds account for the wall time."""
     kernel_s, io_s = float(reply["kernel_s"]), float(reply["io_s"])
     unaccounted = wall - kernel_s - io_s - float(reply.get("import_s") or 0.0)
-    if unaccounted < -_WALL_SLACK_S or unaccounted > max(_WALL_SLACK_S, _WALL_SHARE * wall):
+    if (
+        min(kernel_s, io_s) < 0
+        or unaccounted < -_WALL_SLACK_S
+        or unaccounted > max(_WALL_SLACK_S, _WALL_SHARE * wall)
+    ):
         raise ProgramFailed(
             f"{what}: the worker's clock ({kernel_s:.4f} s kernel + {io_s:.4f} s I/O) disagrees "
             f"with the wall time measured outside it ({wall:.4f} s)"

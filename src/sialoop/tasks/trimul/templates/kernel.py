@@ -46,7 +46,6 @@ SIGNALS = {}
 ANSWER = "program"
 
 _NAMES = ("left_proj", "right_proj", "left_gate", "right_gate", "out_gate")
-_STACKED = {}
 
 
 def _dtype(name):
@@ -54,12 +53,9 @@ def _dtype(name):
 
 
 def _stacked(w, dtype):
-    """The five projection weights as one [5H, C] matrix, built once per weights and dtype."""
-    key = (id(w["left_proj.weight"]), dtype)
-    if key not in _STACKED:
-        _STACKED.clear()
-        _STACKED[key] = torch.cat([w[f"{n}.weight"] for n in _NAMES]).to(dtype)
-    return _STACKED[key]
+    """The five projection weights as one [5H, C] matrix (small: rebuilt per call, since a
+    cache keyed on the tensors would outlive them)."""
+    return torch.cat([w[f"{n}.weight"] for n in _NAMES]).to(dtype)
 
 
 def _project(x, w):
