@@ -64,6 +64,8 @@ def test_reference_harness_is_correct_and_measured(task: TriMulTask):
         d["margin"] <= 1.0 and d["role"] == "timed" and d["shape"] == inst.inputs["case"]["label"]
     )
     assert len(d["times_s"]) == 2 and set(d["units"]) == {"rep0", "rep1"}
+    # a timed kernel gets every CPU, not the one thread harness workers start with
+    assert d["threads"] == task.threads == len(os.sched_getaffinity(0))
     assert score.value == pytest.approx(d["reference_median_s"] / d["median_s"])
     assert math.isclose(
         sum(d["units"].values()) / 2,
@@ -79,6 +81,46 @@ def test_reference_harness_is_correct_and_measured(task: TriMulTask):
     assert task.aggregate([score, None]) is None
     with pytest.raises(PermissionError):
         task.label(check_inst)
+
+
+KNOB_SETTINGS = {
+    "blocked float32": {"BLOCK": 1024},
+    "blocked, every block": {
+        "BLOCK": 1024, "PROJ": "fused", "LAYOUT": "channel_first", "INPLACE": True,
+        "PROJ_DTYPE": "bf16x2", "TRI_DTYPE": "bfloat16", "OUT_DTYPE": "bf16x3", "CHUNK": 32,
+    },
+    "blocked, channel-last, separate": {"BLOCK": 1000, "PROJ_DTYPE": "bf16x3"},
+    "whole-tensor splits": {"LAYOUT": "channel_first", "PROJ_DTYPE": "bf16x3", "CHUNK": 8},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(KNOB_SETTINGS))
+def test_the_templates_blocks_compute_the_operator(task: TriMulTask, name: str):
+    """In process, on a masked batch of two and on cauchy inputs: every block's output within
+    tolerance (the float32 splits well within it), blocks that do not divide the rows too."""
+    from sialoop.harness.operators import apply_assignments
+
+    source = apply_assignments(task.reference_harness(), KNOB_SETTINGS[name])
+    module: dict = {}
+    exec(compile(source, "kernel.py", "exec"), module)
+    for row in (
+        {"seqlen": 64, "bs": 2, "dim": 256, "nomask": False, "distribution": "normal"},
+        {"seqlen": 32, "bs": 1, "dim": 128, "nomask": True, "distribution": "cauchy"},
+    ):
+        data = generate_input(Case(hiddendim=128, **row), seed=7)
+        margin, why = check(module["custom_kernel"](data), reference_kernel(data))
+        assert why is None and margin < 0.6, (name, row, margin)
+
+
+def test_a_blocked_kernel_that_retains_memory_passes_in_its_worker(task: TriMulTask):
+    """ALLOC=retain changes the worker's allocator (glibc, through ctypes): it must run there,
+    inside the sandbox, and stay correct on fresh inputs."""
+    from sialoop.harness.operators import apply_assignments
+
+    knobs = KNOB_SETTINGS["blocked, every block"] | {"ALLOC": "retain"}
+    source = task.adapt_harness(apply_assignments(task.reference_harness(), knobs))
+    score = task.score(task.instances("train")[2], {"program": source})
+    assert score.detail["margin"] <= 1.0 and len(score.detail["times_s"]) == 2
 
 
 RESULT = "_linear(t.view(rows, h), wo, OUT_DTYPE, first=False).view(b, n, n, c)"

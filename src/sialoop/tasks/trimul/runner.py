@@ -101,4 +101,7 @@ def solve(instance: dict[str, Any], llm: Any) -> dict[str, Any]:
     with target.open("wb") as f:
         f.write(memoryview(flat.numpy()).cast("B"))
     io_s = (loaded - start) + (_CLOCK() - ran)
-    return {"kernel_s": kernel_s, "io_s": io_s, "import_s": import_s, "shape": shape}
+    return {
+        "kernel_s": kernel_s, "io_s": io_s, "import_s": import_s, "shape": shape,
+        "threads": torch.get_num_threads(),  # after the kernel: its THREADS knob may set them
+    }  # fmt: skip

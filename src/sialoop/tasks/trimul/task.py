@@ -122,8 +122,17 @@ def shapes_file(data: Path | None) -> Path:
     return path
 
 
-def machine_key(device: str) -> str:
-    """What a timing depends on: the CPU (or GPU), its cores, torch's version."""
+def cpu_threads() -> int:
+    """The CPUs this process may run on: what a kernel gets, one kernel at a time."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_key(device: str, threads: int) -> str:
+    """What a timing depends on: the CPU (or GPU), its cores, torch's version, the threads a
+    kernel runs with."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -134,7 +143,7 @@ def machine_key(device: str) -> str:
         pass
     if device.startswith("cuda"):
         cpu = torch.cuda.get_device_name(0)
-    raw = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{device}"
+    raw = f"{cpu}|{os.cpu_count()}|{torch.__version__}|{device}|{threads}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -218,7 +227,10 @@ class TriMulTask(Task):
     """See the module docstring. Keywords: `data` (the root holding trimul/), `seed` (instance
     order only: the input seeds come from the OS), `reps` timed runs per instance, `ref_reps`
     reference runs per evaluation, `small` (train shapes up to this N), `device` ("cpu",
-    "cuda" or "auto": CUDA when present), `cache_dir` (default: the sialoop home's cache)."""
+    "cuda" or "auto": CUDA when present), `cache_dir` (default: the sialoop home's cache),
+    `threads` (torch threads of the reference and of every candidate, whose THREADS knob may
+    override it; 0: every CPU this process may use; sandbox workers otherwise start with one,
+    the right share for harness workers running side by side, not for a timed kernel)."""
 
     name = "trimul"
     metric = Metric(name="speedup", direction="higher", correct=None, failure_value=None)
@@ -244,12 +256,14 @@ class TriMulTask(Task):
         timeout_s: float = 900.0,
         memory_mb: int = 65536,
         isolation: str = "auto",
+        threads: int = 0,
     ):
         rows = json.loads(shapes_file(data).read_text())
         self.device = (
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         self.reps, self.ref_reps = reps, ref_reps
+        self.threads = threads or cpu_threads()
         fresh = random.SystemRandom()
         tests = [Case.of(r) for r in rows["tests"]]
         benches = [Case.of(r) for r in rows["benchmarks"]]
@@ -272,7 +286,7 @@ class TriMulTask(Task):
                 self._instances[split].append(Instance(id=iid, split=split, inputs=inputs))
         del seed  # the order is fixed by shapes.json; seeds are the OS's
         home = Path(cache_dir) if cache_dir is not None else sialoop_home() / "cache" / FOLDER
-        self._machine = machine_key(self.device)
+        self._machine = machine_key(self.device, self.threads)
         self._timing_file = home / self._machine / "reference_times.json"
         self._work = Path(tempfile.mkdtemp(prefix="sialoop-trimul-", dir=_exchange_root()))
         (self._work / "exchange").mkdir()
@@ -363,7 +377,10 @@ class TriMulTask(Task):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {s: len(self._instances[s]) for s in ("train", "val", "test")}
-        out |= {"device": self.device, "native_bf16": _native_bf16(self.device)}
+        out |= {
+            "device": self.device, "native_bf16": _native_bf16(self.device),
+            "threads": self.threads,
+        }  # fmt: skip
         return out
 
     # ---- measuring --------------------------------------------------------------------------
@@ -405,7 +422,7 @@ class TriMulTask(Task):
             ref = _read_output(ref_path, [case.bs, case.seqlen, case.seqlen, case.dim])
             runner = self._runner(digest, source)
             start = time.perf_counter()
-            out, reply, _ = runner.run(base, self.device, 0)
+            out, reply, _ = runner.run(base, self.device, self.threads)
             warmup_s = time.perf_counter() - start
             margin, why = check(out, ref)
             del out
@@ -414,6 +431,7 @@ class TriMulTask(Task):
             detail: dict[str, Any] = {
                 "role": role, "shape": case.label, "margin": margin, "warmup_s": warmup_s,
                 "import_s": reply.get("import_s", 0.0), "device": self.device,
+                "threads": reply.get("threads"),
             }  # fmt: skip
             if role == "check":
                 return Score(value=1.0, detail=detail)
@@ -454,9 +472,11 @@ class TriMulTask(Task):
             del renumbered
             try:
                 if r < self.ref_reps:
-                    _, ref_reply, ref_wall = self._reference_runner().run(name, self.device, 0)
+                    _, ref_reply, ref_wall = self._reference_runner().run(
+                        name, self.device, self.threads
+                    )
                     refs.append(_agreeing(ref_reply, ref_wall, "the reference"))
-                out, reply, wall = runner.run(name, self.device, 0)
+                out, reply, wall = runner.run(name, self.device, self.threads)
                 cand.append(_agreeing(reply, wall, case.label))
                 margin, why = check(out, permute_rows(ref, perm, bperm))
                 del out
@@ -471,7 +491,7 @@ class TriMulTask(Task):
     def _reference_output(self, iid: str, case: Case, base: str) -> Path:
         if iid not in self._ref_out:
             runner = self._reference_runner()
-            out, _, _ = runner.run(base, self.device, 0)
+            out, _, _ = runner.run(base, self.device, self.threads)
             path = self._work / "reference" / f"{iid}.bin"
             path.parent.mkdir(parents=True, exist_ok=True)
             out.contiguous().numpy().tofile(path)

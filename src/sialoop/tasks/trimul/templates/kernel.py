@@ -51,17 +51,18 @@ THREADS = 0
 ALLOC = "system"
 KNOBS = {
     "BLOCK": {"family": "blocking", "values": [0, 1024, 2048, 4096, 8192]},
-    "PROJ": {"family": "fusion", "choices": ["separate", "fused"]},
-    "LAYOUT": {"family": "layout", "choices": ["channel_last", "channel_first"]},
-    "PROJ_DTYPE": {"family": "dtype", "choices": ["float32", "bfloat16", "bf16x2", "bf16x3"]},
-    "TRI_DTYPE": {"family": "dtype", "choices": ["float32", "bfloat16"]},
-    "OUT_DTYPE": {"family": "dtype", "choices": ["float32", "bfloat16", "bf16x2", "bf16x3"]},
-    "INPLACE": {"family": "fusion", "choices": [False, True]},
     "CHUNK": {"family": "blocking", "values": [0, 8, 16, 32, 64]},
+    "PROJ_DTYPE": {"family": "dtype", "choices": ["float32", "bf16x3", "bf16x2", "bfloat16"]},
+    "TRI_DTYPE": {"family": "dtype", "choices": ["float32", "bfloat16"]},
+    "OUT_DTYPE": {"family": "dtype", "choices": ["float32", "bf16x3", "bf16x2", "bfloat16"]},
+    "ALLOC": {"family": "memory", "choices": ["system", "retain"]},
+    "LAYOUT": {"family": "layout", "choices": ["channel_last", "channel_first"]},
+    "PROJ": {"family": "fusion", "choices": ["separate", "fused"]},
+    "INPLACE": {"family": "fusion", "choices": [False, True]},
     "COMPILE": {"family": "compile", "choices": [False, True]},
     "THREADS": {"family": "threads", "values": [0, 1, 2, 4, 8]},
-    "ALLOC": {"family": "memory", "choices": ["system", "retain"]},
-}
+}  # families in the order a search without evidence should try them (largest payoff first);
+# the GEMM dtypes from most to least accurate
 SIGNALS = {}
 ANSWER = "program"
 
