@@ -288,7 +288,10 @@ class TriMulTask(Task):
         home = Path(cache_dir) if cache_dir is not None else sialoop_home() / "cache" / FOLDER
         self._machine = machine_key(self.device, self.threads)
         self._timing_file = home / self._machine / "reference_times.json"
-        self._work = Path(tempfile.mkdtemp(prefix="sialoop-trimul-", dir=_exchange_root()))
+        root = _exchange_root()
+        _remove_orphans(Path(root or tempfile.gettempdir()))
+        self._work = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=root))
+        (self._work / _OWNER).write_text(_owner_tag(os.getpid()))
         (self._work / "exchange").mkdir()
         # What a program must not read: the reference outputs and this machine's timings.
         self._deny = (self._work / "reference", self._timing_file.parent)
@@ -575,6 +578,33 @@ def _agreeing(reply: dict, wall: float, what: str) -> float:
             f"with the wall time measured outside it ({wall:.4f} s)"
         )
     return kernel_s
+
+
+_WORK_PREFIX = "sialoop-trimul-"
+_OWNER = "owner"
+
+
+def _owner_tag(pid: int) -> str:
+    """The pid and its start time: a pid the OS has reused for another process does not match."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid} {start}"
+
+
+def _remove_orphans(root: Path) -> None:
+    """Delete work dirs of tasks whose process is gone. A run killed by a signal (atexit does not
+    run) would otherwise leave gigabytes of tensors in /dev/shm, which is memory: the next run's
+    kernels then meet the OOM killer."""
+    for work in root.glob(f"{_WORK_PREFIX}*"):
+        try:
+            pid, _ = (work / _OWNER).read_text().split(" ", 1)
+            alive = _owner_tag(int(pid)) == (work / _OWNER).read_text()
+        except (OSError, ValueError):
+            alive = time.time() - work.stat().st_mtime < 60  # no tag yet: being created
+        if not alive:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _exchange_root() -> str | None:
