@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from sialoop.evaluator import best_version
+from sialoop.harness.operators import apply_assignments
 from sialoop.store import Store
 from sialoop.tasks.templates import template_source
 from sialoop.tasks.trimul.reference import Case
@@ -52,28 +53,14 @@ RESULTS = Path(__file__).parent / "results" / "trimul.json"
 
 COMPILED_REFERENCE = '''"""The spec's reference computation under torch.compile (one graph per shape)."""
 import torch
-import torch.nn.functional as F
 
+from sialoop.tasks.trimul.reference import reference_kernel
 
-def _reference(x, mask, w, c, h):
-    x = F.layer_norm(x, (c,), w["norm.weight"], w["norm.bias"])
-    m = mask.unsqueeze(-1)
-    left = F.linear(x, w["left_proj.weight"]) * m
-    right = F.linear(x, w["right_proj.weight"]) * m
-    left = left * torch.sigmoid(F.linear(x, w["left_gate.weight"]))
-    right = right * torch.sigmoid(F.linear(x, w["right_gate.weight"]))
-    out_gate = torch.sigmoid(F.linear(x, w["out_gate.weight"]))
-    out = torch.einsum("... i k d, ... j k d -> ... i j d", left, right)
-    out = F.layer_norm(out, (h,), w["to_out_norm.weight"], w["to_out_norm.bias"]) * out_gate
-    return F.linear(out, w["to_out.weight"])
-
-
-_compiled = torch.compile(_reference, dynamic=False)
+_compiled = torch.compile(reference_kernel, dynamic=False)
 
 
 def custom_kernel(data):
-    x, mask, w, config = data
-    return _compiled(x, mask, w, config["dim"], config["hidden_dim"])
+    return _compiled(data)
 '''
 
 # A setting picked by hand while building the template's blocks (not the loop's choice).
@@ -91,13 +78,7 @@ ORDER = ["eager", "compile", "knobs", "harness", "weights", "both"]
 
 
 def with_knobs(knobs: dict[str, Any]) -> str:
-    import re
-
-    source = template_source("sialoop.tasks.trimul", "kernel.py")
-    for name, value in knobs.items():
-        source, n = re.subn(rf"(?m)^{name} = .*$", f"{name} = {value!r}", source, count=1)
-        assert n == 1, name
-    return source
+    return apply_assignments(template_source("sialoop.tasks.trimul", "kernel.py"), knobs)
 
 
 def program_of_run(root: Path, task: TriMulTask) -> tuple[str, str]:
