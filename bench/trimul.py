@@ -19,10 +19,10 @@ show what the building blocks reach; not the loop's), `limit`, and the loop's `h
 `weights` and `both` (the best version of a run with that lever set; the program it answers is
 measured, so a generator harness's best proposal is the row).
 
-Resumable: each shape of each row is stored in bench/results/trimul.json as it finishes; a
-rerun measures only what is missing (or what --redo names). Rows measured in different
-sessions are still side by side on one machine only when `machine` matches: it is stored with
-every row.
+Resumable: each shape of each row is stored as it finishes in one file per machine,
+bench/results/trimul-<machine key>.json (the key covers CPU model, threads and torch), so rows
+measured in different sessions sit side by side only when they came from the same machine; a
+rerun measures only what is missing (or what --redo names).
 """
 
 from __future__ import annotations
@@ -49,7 +49,12 @@ from sialoop.tasks.templates import template_source
 from sialoop.tasks.trimul.reference import Case
 from sialoop.tasks.trimul.task import TriMulTask, cpu_threads, machine_key
 
-RESULTS = Path(__file__).parent / "results" / "trimul.json"
+RESULTS = Path(__file__).parent / "results"
+
+
+def results_file() -> Path:
+    return RESULTS / f"trimul-{machine()['key']}.json"
+
 
 COMPILED_REFERENCE = '''"""The spec's reference computation under torch.compile (one graph per shape)."""
 import torch
@@ -232,7 +237,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="key=value for launched runs")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per shape and row")
     args = parser.parse_args()
-    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    out = results_file()
+    result = json.loads(out.read_text()) if out.exists() else {"rows": {}}
     runs = dict(r.split("=", 1) for r in args.row)
     for name in args.launch:
         runs[name] = launch(name, args.data, args.set)
@@ -257,7 +263,7 @@ def main() -> None:
     for name, root in runs.items():
         programs[name] = program_of_run(Path(root), task)
     wanted = args.only or list(programs)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         for name in wanted:
             source, origin = programs[name]
@@ -265,13 +271,13 @@ def main() -> None:
             for row in measure_row(name, source, origin, task, stored, name in args.redo):
                 result["rows"][name] = row
                 summarise(result, shapes)
-                RESULTS.write_text(json.dumps(result, indent=1))
+                out.write_text(json.dumps(result, indent=1))
     finally:
         task.close()
     summarise(result, shapes)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(result, indent=1))
     print_table(result, shapes)
-    print(f"\nJSON: {RESULTS}")
+    print(f"\nJSON: {out}")
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_a_killed_runs_tensors_are_removed_by_the_next_task(tmp_path: Path):
     import subprocess
     import sys
 
-    from sialoop.tasks.trimul.task import _owner_tag, _remove_orphans
+    from sialoop.harness.runtime import owner_tag, remove_orphans
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
@@ -207,8 +207,8 @@ def test_a_killed_runs_tensors_are_removed_by_the_next_task(tmp_path: Path):
     for d in dirs.values():
         d.mkdir()
     (dirs["dead"] / "owner").write_text(f"{int(dead.stdout)} 1")
-    (dirs["alive"] / "owner").write_text(_owner_tag(os.getpid()))
-    _remove_orphans(tmp_path)
+    (dirs["alive"] / "owner").write_text(owner_tag(os.getpid()))
+    remove_orphans(tmp_path, "sialoop-trimul-")
     assert not dirs["dead"].exists() and dirs["alive"].exists() and dirs["new"].exists()
 
 

@@ -57,7 +57,6 @@ import platform
 import random
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,9 +67,10 @@ from typing import Any, ClassVar
 import torch
 
 from sialoop.errors import DataError
-from sialoop.harness.sandbox import Sandbox, SandboxLimits
+from sialoop.harness.runtime import ProgramFailed, ProgramRunner, Workspace
+from sialoop.harness.sandbox import SandboxLimits
 from sialoop.paths import default_data_root, sialoop_home
-from sialoop.records import Score, new_id
+from sialoop.records import Score
 from sialoop.tasks.base import Instance, Metric, Split, Task
 from sialoop.tasks.templates import template_source
 from sialoop.tasks.trimul.reference import (
@@ -105,10 +105,6 @@ reference (its median time over the program's), higher is better; a split's valu
 geometric mean over its shapes. Every timed run gets a fresh input. The program runs in an
 isolated worker with torch, without network or LLM.
 """
-
-
-class ProgramFailed(Exception):
-    """The program could not be measured: it crashed, timed out or computed wrongly."""
 
 
 def shapes_file(data: Path | None) -> Path:
@@ -165,62 +161,24 @@ def _read_output(path: Path, shape: list[int]) -> torch.Tensor:
     return torch.from_file(str(path), shared=False, size=numel).view(shape)
 
 
-class _Runner:
-    """One program in one sandbox worker, with the exchange folder its inputs go through."""
+class _Runner(ProgramRunner):
+    """One program in one sandbox worker, behind the trusted wrapper `runner.py`."""
 
     def __init__(
-        self, source: str, root: Path, limits: SandboxLimits, isolation: str,
+        self, source: str, workspace: Workspace, limits: SandboxLimits, isolation: str,
         deny: tuple[Path, ...],
     ):  # fmt: skip
-        self.dir = Path(tempfile.mkdtemp(prefix="program-", dir=root))
-        harness = self.dir / "runner.py"
-        harness.write_text((files(__package__) / "runner.py").read_text(encoding="utf-8"))
-        self.program = f"programs/{self.dir.name}.py"
-        (root / "exchange" / "programs").mkdir(exist_ok=True)
-        (root / "exchange" / self.program).write_text(source, encoding="utf-8")
-        self.sandbox = Sandbox(
-            harness,
-            policy_url=None,
-            adapter="base",
-            limits=limits,
-            public_dir=root / "exchange",
-            scratch_root=self.dir,
-            deny_read=deny,
-            isolation=isolation,
-        )
-        self.sandbox.__enter__()
-        error = self.sandbox.start()  # the worker's start-up is never on a run's clock
-        if error is not None:
-            self.close()
-            raise ProgramFailed(f"{error.kind.value}: {error.message[:500]}")
+        wrapper = (files(__package__) / "runner.py").read_text(encoding="utf-8")
+        super().__init__(wrapper, source, workspace, limits, isolation, deny, tag="trimul")
 
     def run(self, name: str, device: str, threads: int) -> tuple[torch.Tensor, dict, float]:
         """(output, the wrapper's reply, wall seconds measured here) for input `name`."""
-        job = {"program": self.program, "input": name, "device": device, "threads": threads}
-        starts = self.sandbox.starts
-        start = time.perf_counter()
-        result = self.sandbox.solve(job, new_id("trimul"))
-        wall = time.perf_counter() - start
-        if result.error is not None:
-            raise ProgramFailed(f"{result.error.kind.value}: {result.error.message[:500]}")
-        if self.sandbox.starts != starts:  # a worker's start-up was on this run's clock
-            raise ProgramFailed("the worker restarted during a run: its time is not the kernel's")
-        reply = result.output if isinstance(result.output, dict) else {}
+        reply, wall, workdir = self.call({"input": name, "device": device, "threads": threads})
         kernel_s, io_s = reply.get("kernel_s"), reply.get("io_s")
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in (kernel_s, io_s)):
             raise ProgramFailed("the wrapper's answer holds no timing")
-        workdir = self.sandbox.workdir
-        if workdir is None:
-            raise ProgramFailed("the program's worker is gone")
         out = _read_output(workdir / "out.bin", list(reply.get("shape") or []))
         return out, reply, wall
-
-    def close(self) -> None:
-        try:
-            self.sandbox.close()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            (self.dir.parent / "exchange" / self.program).unlink(missing_ok=True)
 
 
 class TriMulTask(Task):
@@ -288,11 +246,8 @@ class TriMulTask(Task):
         home = Path(cache_dir) if cache_dir is not None else sialoop_home() / "cache" / FOLDER
         self._machine = machine_key(self.device, self.threads)
         self._timing_file = home / self._machine / "reference_times.json"
-        root = _exchange_root()
-        _remove_orphans(Path(root or tempfile.gettempdir()))
-        self._work = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=root))
-        (self._work / _OWNER).write_text(_owner_tag(os.getpid()))
-        (self._work / "exchange").mkdir()
+        self._workspace = Workspace(_WORK_PREFIX)
+        self._work = self._workspace.dir
         # What a program must not read: the reference outputs and this machine's timings.
         self._deny = (self._work / "reference", self._timing_file.parent)
         self._limits = SandboxLimits(
@@ -505,7 +460,9 @@ class TriMulTask(Task):
         if self._reference is None:
             source = (files(__package__) / "reference.py").read_text(encoding="utf-8")
             source += "\n\ndef custom_kernel(data):\n    return reference_kernel(data)\n"
-            self._reference = _Runner(source, self._work, self._limits, self._isolation, self._deny)
+            self._reference = _Runner(
+                source, self._workspace, self._limits, self._isolation, self._deny
+            )
         return self._reference
 
     def _runner(self, digest: str, source: str) -> _Runner:
@@ -515,7 +472,7 @@ class TriMulTask(Task):
         if self._program is None:
             self._program = (
                 digest,
-                _Runner(source, self._work, self._limits, self._isolation, self._deny),
+                _Runner(source, self._workspace, self._limits, self._isolation, self._deny),
             )
         return self._program[1]
 
@@ -543,7 +500,7 @@ class TriMulTask(Task):
             if runner is not None:
                 runner.close()
         self._reference = self._program = None
-        shutil.rmtree(self._work, ignore_errors=True)
+        self._workspace.close()
 
 
 _SELF_SOLVE = '''def solve(instance, llm):
@@ -581,36 +538,6 @@ def _agreeing(reply: dict, wall: float, what: str) -> float:
 
 
 _WORK_PREFIX = "sialoop-trimul-"
-_OWNER = "owner"
-
-
-def _owner_tag(pid: int) -> str:
-    """The pid and its start time: a pid the OS has reused for another process does not match."""
-    try:
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        start = "?"
-    return f"{pid} {start}"
-
-
-def _remove_orphans(root: Path) -> None:
-    """Delete work dirs of tasks whose process is gone. A run killed by a signal (atexit does not
-    run) would otherwise leave gigabytes of tensors in /dev/shm, which is memory: the next run's
-    kernels then meet the OOM killer."""
-    for work in root.glob(f"{_WORK_PREFIX}*"):
-        try:
-            pid, _ = (work / _OWNER).read_text().split(" ", 1)
-            alive = _owner_tag(int(pid)) == (work / _OWNER).read_text()
-        except (OSError, ValueError):
-            alive = time.time() - work.stat().st_mtime < 60  # no tag yet: being created
-        if not alive:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _exchange_root() -> str | None:
-    """/dev/shm when it is there (tensors cross as files in memory), else the temp dir."""
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _native_bf16(device: str) -> bool:
