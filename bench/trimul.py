@@ -52,8 +52,8 @@ from sialoop.tasks.trimul.task import TriMulTask, cpu_threads, machine_key
 RESULTS = Path(__file__).parent / "results"
 
 
-def results_file() -> Path:
-    return RESULTS / f"trimul-{machine()['key']}.json"
+def results_file(key: str) -> Path:
+    return RESULTS / f"trimul-{key}.json"
 
 
 COMPILED_REFERENCE = '''"""The spec's reference computation under torch.compile (one graph per shape)."""
@@ -237,7 +237,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="key=value for launched runs")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per shape and row")
     args = parser.parse_args()
-    out = results_file()
+    here = machine()
+    out = results_file(here["key"])
     result = json.loads(out.read_text()) if out.exists() else {"rows": {}}
     runs = dict(r.split("=", 1) for r in args.row)
     for name in args.launch:
@@ -245,7 +246,7 @@ def main() -> None:
     task = TriMulTask(args.data, reps=args.reps, ref_reps=1)
     timed = [i for i in task.instances("test") if i.inputs["role"] == "timed"]
     shapes = [i.inputs["case"]["label"] for i in timed]
-    result["machine"] = machine()
+    result["machine"] = here
     peaks = gemm_peak()
     best_dtype = max(peaks, key=peaks.get)
     result["limit"] = {

@@ -67,11 +67,15 @@ def mse_per_cell(test_log: np.ndarray, output: np.ndarray) -> np.ndarray:
     return np.mean((test_log - log_normalised(output)) ** 2, axis=1)
 
 
-def poisson(test: np.ndarray, output: np.ndarray, train_sum: float) -> float:
+def poisson(
+    test: np.ndarray, output: np.ndarray, train_sum: float, log_test: np.ndarray | None = None
+) -> float:
     """Upstream's poisson: test counts in the prediction slot, the scaled output in the
-    target slot (mean(y_pred - y_true * log(y_pred + eps)) with y_pred = test)."""
+    target slot (mean(y_pred - y_true * log(y_pred + eps)) with y_pred = test). `log_test`:
+    log(test + eps) when the caller has it already."""
     scaled = output * (test.sum() / train_sum)
-    return float(np.mean(test - scaled * np.log(test + EPS)))
+    logs = np.log(test + EPS) if log_test is None else log_test
+    return float(np.mean(test - scaled * logs))
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Controls:
 
     test: np.ndarray
     test_log: np.ndarray
+    log_test: np.ndarray  # log(test + eps), poisson's weights: computed once per split
     train_sum: float
     baseline_mse: float
     perfect_mse: float
@@ -90,15 +95,15 @@ class Controls:
     @classmethod
     def of(cls, split: Split) -> Controls:
         train, test = dense(split.train), dense(split.test)
-        test_log = log_normalised(test)
+        test_log, log_test = log_normalised(test), np.log(test + EPS)
         train_sum = float(train.sum())
         per_cell = mse_per_cell(test_log, train)
         return cls(
-            test=test, test_log=test_log, train_sum=train_sum,
+            test=test, test_log=test_log, log_test=log_test, train_sum=train_sum,
             baseline_mse=float(per_cell.mean()),
             perfect_mse=float(mse_per_cell(test_log, test).mean()),
-            baseline_poisson=poisson(test, train, train_sum),
-            perfect_poisson=poisson(test, test, train_sum),
+            baseline_poisson=poisson(test, train, train_sum, log_test),
+            perfect_poisson=poisson(test, test, train_sum, log_test),
             baseline_mse_per_cell=per_cell,
         )  # fmt: skip
 
@@ -132,8 +137,10 @@ def evaluate(output: Any, controls: Controls) -> dict[str, Any]:
     per_cell = mse_per_cell(controls.test_log, d)
     mse = float(per_cell.mean())
     span = controls.baseline_mse - controls.perfect_mse
-    raw_poisson = poisson(controls.test, d, controls.train_sum)
-    rescaled = poisson(controls.test, d * (controls.train_sum / mass), controls.train_sum)
+    raw_poisson = poisson(controls.test, d, controls.train_sum, controls.log_test)
+    rescaled = poisson(
+        controls.test, d * (controls.train_sum / mass), controls.train_sum, controls.log_test
+    )
     pn, pn_raw = controls.poisson_norm(rescaled), controls.poisson_norm(raw_poisson)
     valid = pn >= VALID_POISSON_NORM
     upstream_valid = (

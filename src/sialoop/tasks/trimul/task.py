@@ -247,9 +247,8 @@ class TriMulTask(Task):
         self._machine = machine_key(self.device, self.threads)
         self._timing_file = home / self._machine / "reference_times.json"
         self._workspace = Workspace(_WORK_PREFIX)
-        self._work = self._workspace.dir
         # What a program must not read: the reference outputs and this machine's timings.
-        self._deny = (self._work / "reference", self._timing_file.parent)
+        self._deny = (self._workspace.dir / "reference", self._timing_file.parent)
         self._limits = SandboxLimits(
             timeout_s=timeout_s,
             startup_timeout_s=120.0,
@@ -374,7 +373,7 @@ class TriMulTask(Task):
         seed = self._seeds[instance.id]
         base = f"{instance.id}-base"
         data = generate_input(case, seed)
-        _write_tensors(self._work / "exchange" / base, data)
+        _write_tensors(self._workspace.exchange / base, data)
         try:
             ref_path = self._reference_output(instance.id, case, base)
             ref = _read_output(ref_path, [case.bs, case.seqlen, case.seqlen, case.dim])
@@ -395,7 +394,7 @@ class TriMulTask(Task):
                 return Score(value=1.0, detail=detail)
             cand, refs = self._timed(instance.id, case, data, ref, runner, detail)
         finally:
-            shutil.rmtree(self._work / "exchange" / base, ignore_errors=True)
+            shutil.rmtree(self._workspace.exchange / base, ignore_errors=True)
         ref_times = self._record_times(case.label, refs)
         t_ref = statistics.median(ref_times)
         t_cand = statistics.median(cand)
@@ -426,7 +425,7 @@ class TriMulTask(Task):
                 weights,
                 config,
             )
-            _write_tensors(self._work / "exchange" / name, renumbered)
+            _write_tensors(self._workspace.exchange / name, renumbered)
             del renumbered
             try:
                 if r < self.ref_reps:
@@ -442,7 +441,7 @@ class TriMulTask(Task):
                     raise ProgramFailed(f"{case.label} (timed run {r}, fresh input): {why}")
                 worst = max(worst, margin)
             finally:
-                shutil.rmtree(self._work / "exchange" / name, ignore_errors=True)
+                shutil.rmtree(self._workspace.exchange / name, ignore_errors=True)
         detail["margin"] = worst
         return cand, refs
 
@@ -450,7 +449,7 @@ class TriMulTask(Task):
         if iid not in self._ref_out:
             runner = self._reference_runner()
             out, _, _ = runner.run(base, self.device, self.threads)
-            path = self._work / "reference" / f"{iid}.bin"
+            path = self._workspace.dir / "reference" / f"{iid}.bin"
             path.parent.mkdir(parents=True, exist_ok=True)
             out.contiguous().numpy().tofile(path)
             self._ref_out[iid] = path
