@@ -128,6 +128,15 @@ def test_units_pair_repeated_measurements_of_few_items():
     units = gate(inc, cand, GateSettings(noise="units"), metric=LOWER)
     assert items.n_paired == 2 and not items.accepted  # two items cannot show it
     assert units.n_paired == 20 and units.accepted
+    # an item one side failed loses each unit the other side scored on it, in either
+    # direction: a scored version beats a failed incumbent (lower-is-better times here, higher-
+    # is-better per-cell errors in the denoising task's loop test)
+    failed = [rollout(f"s{i}", None) for i in range(2)]
+    over_failed = gate(failed, cand, GateSettings(noise="units"), metric=LOWER)
+    assert over_failed.accepted and over_failed.n_paired == 20
+    assert over_failed.incumbent_none == 20 and over_failed.wins == 20
+    worse = gate(inc, failed, GateSettings(noise="units"), metric=LOWER)
+    assert not worse.accepted and worse.losses == 20 and worse.candidate_none == 20
 
 
 def test_a_cheaper_candidate_that_is_not_worse_is_accepted():

@@ -243,8 +243,13 @@ def test_progress_in_a_log_prints_periodic_lines():
     lines = console.file.getvalue().splitlines()
     assert lines[0] == "v3 on val: 0/100, score -, errors 0, 0s"
     assert len(lines) == 11  # a start line, one every 10 items but the last, a final line
-    assert lines[1].startswith("v3 on val: 10/100, score 0.500, errors 1, 1s, eta 9s")
-    assert lines[-1] == "v3 on val: 100/100, score 0.500, errors 1, 10s done"
+    # the failed item is an error, not a 0: the score is the mean of the 9 (then 99) scored
+    assert lines[1].startswith("v3 on val: 10/100, score 0.556, errors 1, 1s, eta 9s")
+    assert lines[-1] == "v3 on val: 100/100, score 0.505, errors 1, 10s done"
+    console = _plain()
+    with phase_bar(console, "v0 on val", 1) as advance:
+        advance(_trajectory(None, error=True))
+    assert console.file.getvalue().splitlines()[-1] == "v0 on val: 1/1, score -, errors 1, 0s done"
 
 
 def test_progress_lines_come_every_30_seconds_on_a_slow_phase():

@@ -4,7 +4,9 @@ items by more than noise, in the metric's direction, or matches it at a clearly 
 Pairing (`pair_units`): by instance ("items": samples of one instance averaged), or, when the
 task's noise model is "units", unit by unit from each score's `detail["units"]` (a mapping of
 unit name to value: repeated measurements of one item, or its parts scored one by one), keyed
-`instance/unit`. Only keys both versions were rolled out on are compared.
+`instance/unit`. Only keys both versions were rolled out on are compared; an instance that
+failed on one side (no units: key `instance/*`) counts as None on each unit the other side
+scored for it, so a version that fails an item loses every unit of it.
 
 A value that was never computed (an error, a missing unit) is None, and in a pair a None is a
 loss for its side: it loses by the full range of the values seen on both sides (1 for a 0/1
@@ -134,6 +136,27 @@ def pair_units(trajectories: Sequence[Trajectory], noise: Noise) -> dict[str, fl
     return {k: _mean(v) for k, v in by_item.items()}
 
 
+def _spread_failures(
+    side: dict[str, float | None], other: dict[str, float | None]
+) -> dict[str, float | None]:
+    """`side` with each failed instance's `instance/*` replaced by None on the units `other`
+    scored for that instance."""
+    units_of: dict[str, list[str]] = defaultdict(list)
+    for key in other:
+        item, unit = key.split("/", 1)
+        if unit != "*":
+            units_of[item].append(key)
+    out: dict[str, float | None] = {}
+    for key, value in side.items():
+        item, unit = key.split("/", 1)
+        if unit == "*" and units_of.get(item):
+            for unit_key in units_of[item]:
+                out.setdefault(unit_key, None)
+        else:
+            out[key] = value
+    return out
+
+
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
@@ -207,6 +230,11 @@ def gate(
             "re-score it on a machine with room", **common,
         )  # fmt: skip
     inc_units, cand_units = pair_units(incumbent, s.noise), pair_units(candidate, s.noise)
+    if s.noise == "units":
+        inc_units, cand_units = (
+            _spread_failures(inc_units, cand_units),
+            _spread_failures(cand_units, inc_units),
+        )
     shared = sorted(inc_units.keys() & cand_units.keys())
     if not shared:
         return GateResult(

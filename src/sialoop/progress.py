@@ -6,8 +6,9 @@ way the phase ends with one line (its count, running score, errors and time), so
 `console.log` hold every phase. A phase that reuses stored trajectories starts at their count
 and its running score includes them; one with nothing left prints a single `reused` line.
 
-The running score is the mean of `score.value` over the phase's trajectories, a failed one
-counting 0: a guide while it runs, not the task's aggregate (the Evaluation is that).
+The running score is the mean of `score.value` over the phase's scored trajectories ("-" while
+none is: a failed one is counted among the errors, never as 0, which would be the best value of
+a time or an error): a guide while it runs, not the task's aggregate (the Evaluation is that).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class _Tally:
 
     def __init__(self, total: int, stored: Iterable[Trajectory], clock: Callable[[], float]):
         self.total, self.clock = total, clock
-        self.n = self.score_sum = self.errors = 0
+        self.n = self.scored = self.errors = 0
+        self.score_sum = 0.0
         for t in {(t.instance_id, t.sample): t for t in stored}.values():  # one per item
             self._add(t)
         self.reused = self.n
@@ -54,7 +56,9 @@ class _Tally:
 
     def _add(self, t: Trajectory) -> None:
         self.n += 1
-        self.score_sum += t.score.value if t.score is not None else 0.0
+        if t.score is not None and t.error is None:
+            self.scored += 1
+            self.score_sum += t.score.value
         self.errors += t.error is not None
 
     def add(self, t: Trajectory) -> None:
@@ -63,7 +67,7 @@ class _Tally:
 
     @property
     def score(self) -> str:
-        return "-" if not self.n else f"{self.score_sum / self.n:.3f}"
+        return "-" if not self.scored else f"{self.score_sum / self.scored:.3f}"
 
     def line(self, title: str, final: bool = False) -> str:
         elapsed = self.clock() - self.started

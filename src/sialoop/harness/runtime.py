@@ -30,6 +30,29 @@ from sialoop.records import new_id
 _OWNER = "owner"
 
 
+_SELF_SOLVE = '''def solve(instance, llm):
+    """Added by sialoop: this file defines {entry} and no solve, so it is its own program."""
+    import pathlib
+
+    return {{"program": pathlib.Path(__file__).read_text()}}
+'''
+
+
+def self_solving(source: str, entry: str) -> str:
+    """`source` as a harness: a file defining `entry` (a program task's entry point) and no
+    `solve` gets a `solve` answering the file itself; any other source is returned unchanged
+    (a syntax error is left for validation to report)."""
+    import ast
+
+    try:
+        names = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    except SyntaxError:
+        return source
+    if "solve" in names or entry not in names:
+        return source
+    return source.rstrip("\n") + "\n\n\n" + _SELF_SOLVE.format(entry=entry)
+
+
 class ProgramFailed(Exception):
     """A candidate program failed: it raised, broke its worker, or its output failed a check."""
 

@@ -31,6 +31,7 @@ BUILTIN: dict[str, str] = {
     "arith": "sialoop.tasks.arith:ArithTask",
     "sortcost": "sialoop.tasks.sortcost:SortCostTask",
     "trimul": "sialoop.tasks.trimul:TriMulTask",
+    "denoise": "sialoop.tasks.denoise:DenoiseTask",
 }
 
 

@@ -1,2 +1,7 @@
-"""scRNA-seq denoising (in progress): the OpenProblems split and metrics with the rule that closes
-the scale shortcut (metrics.py). The task itself is not registered yet."""
+"""scRNA-seq denoising (OpenProblems' task): a program task scored by mse_norm under the rule
+that closes the scale shortcut. See task.py and metrics.py."""
+
+from sialoop.harness.runtime import ProgramFailed
+from sialoop.tasks.denoise.task import DenoiseTask
+
+__all__ = ["DenoiseTask", "ProgramFailed"]

@@ -67,7 +67,7 @@ from typing import Any, ClassVar
 import torch
 
 from sialoop.errors import DataError
-from sialoop.harness.runtime import ProgramFailed, ProgramRunner, Workspace
+from sialoop.harness.runtime import ProgramFailed, ProgramRunner, Workspace, self_solving
 from sialoop.harness.sandbox import SandboxLimits
 from sialoop.paths import default_data_root, sialoop_home
 from sialoop.records import Score
@@ -299,15 +299,7 @@ class TriMulTask(Task):
 
     def adapt_harness(self, source: str) -> str:
         """A file defining `custom_kernel` and no `solve` becomes a harness answering itself."""
-        import ast
-
-        try:
-            names = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
-        except SyntaxError:
-            return source  # validation reports it
-        if "solve" in names or "custom_kernel" not in names:
-            return source
-        return source.rstrip("\n") + "\n\n\n" + _SELF_SOLVE
+        return self_solving(source, "custom_kernel")
 
     def aggregate(self, scores: list[Score | None]) -> float | None:  # type: ignore[override]
         """Geometric mean of the timed instances' speedups; None when any instance failed."""
@@ -500,14 +492,6 @@ class TriMulTask(Task):
                 runner.close()
         self._reference = self._program = None
         self._workspace.close()
-
-
-_SELF_SOLVE = '''def solve(instance, llm):
-    """Added by sialoop: this file defines custom_kernel and no solve, so it is its own program."""
-    import pathlib
-
-    return {"program": pathlib.Path(__file__).read_text()}
-'''
 
 
 def _with(case: Case, distribution: str) -> Case:
