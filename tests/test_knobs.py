@@ -145,3 +145,31 @@ def test_constant_nodes_take_the_last_binding_and_drop_a_rebound_name():
     tree = ast.parse("A = 1\nA = 2\nB = 1\nB += 1\nC = f()\nD = 1\ndef D(): pass\nE: int = 3\n")
     nodes = constant_nodes(tree)
     assert set(nodes) == {"A"} and ast.literal_eval(nodes["A"].value) == 2
+
+
+@pytest.mark.parametrize(
+    ("when", "match"),
+    [
+        ('{"NOPE": [1]}', "names NOPE, not another knob"),
+        ('{"K": [1]}', "names K, not another knob"),
+        ('{"M": ["c"]}', "lists 'c', outside M's domain"),
+        ('{"M": []}', "non-empty lists"),
+    ],
+)
+def test_a_malformed_when_is_a_one_line_error(when: str, match: str):
+    source = (
+        'M = "a"\nK = 1\nKNOBS = {"M": {"family": "f", "choices": ["a", "b"]}, '
+        f'"K": {{"family": "f", "values": [1, 2], "when": {when}}}}}\n'
+    )
+    with pytest.raises(KnobError, match=match):
+        read_declarations(source)
+
+
+def test_when_says_which_knobs_matter():
+    source = (
+        'M = "a"\nK = 1\nKNOBS = {"M": {"family": "f", "choices": ["a", "b"]}, '
+        '"K": {"family": "f", "values": [1, 2], "when": {"M": ["b"]}}}\n'
+    )
+    decl = read_declarations(source)
+    assert not decl.knobs["K"].active(decl.values)
+    assert decl.knobs["K"].active({**decl.values, "M": "b"}) and decl.knobs["M"].active({})

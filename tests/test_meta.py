@@ -229,3 +229,42 @@ def test_write_refuses_a_value_outside_the_domain_or_an_undeclared_knob():
         agent.write(LAWBENCH, Proposal(assignments={"INSTRUCTION": "x"}, why="t"))
     out = agent.write(MATH_QA, Proposal(assignments={"TEMPERATURE": 1.2}, why="t"))
     assert 'TEMPERATURE = 1.2\nPROMPT = "plain"  # how the question is put' in out
+
+
+VOTING = MATH_QA.replace(
+    """    "PROMPT": {"family": "prompt", "choices": ["plain", "step_by_step", "answer_first"]},
+}""",
+    """    "PROMPT": {"family": "prompt", "choices": ["plain", "step_by_step", "answer_first"]},
+    "VOTE": {"family": "sampling", "choices": ["majority", "weighted"],
+             "when": {"N_SAMPLES": [2, 4, 8]}},
+}""",
+).replace('PROMPT = "plain"', 'PROMPT = "plain"\nVOTE = "majority"')
+
+
+@pytest.mark.parametrize(
+    ("source", "parent"),
+    [
+        # a program task's template: with no smoothing, its graph knobs change nothing
+        (template_source("sialoop.tasks.denoise", "pipeline.py"), {"METHOD": "none"}),
+        # an answer task's harness: with one sample there is nothing to vote on
+        (VOTING, {"N_SAMPLES": 1}),
+    ],
+)
+def test_a_knob_that_does_not_matter_under_the_parent_is_never_moved(source, parent):
+    from sialoop.harness.operators import apply_assignments
+
+    source = apply_assignments(source, parent)
+    decl = read_declarations(source)
+    idle = {n for n, k in decl.knobs.items() if not k.active(decl.values)}
+    assert idle  # the parent leaves some knobs without effect
+    agent, history = OfflineMetaAgent(), [_tried("v0", None, source, 0.5)]
+    for _ in range(12):
+        p = agent.propose(source, _decision(), history, "v0")
+        assert p is not None
+        setting = {**decl.values, **p.assignments}
+        # a proposal moves at least one knob that matters under the setting it makes
+        assert any(decl.knobs[n].active(setting) for n in p.assignments), p.assignments
+        history.append(
+            TriedSetting(version_id=f"v{len(history)}", parent_id="v0", values=setting,
+                         oriented_score=0.4)
+        )  # fmt: skip

@@ -86,6 +86,9 @@ class AgentsConfig(_Section):
     harness_minutes: float = Field(default=1.5, gt=0)
     sft_minutes: float = Field(default=3.5, gt=0)
     grpo_minutes: float = Field(default=7.0, gt=0)
+    # Candidates rejected in a row (both levers) before the Feedback-Agent stops the run: a
+    # task with a large knob space and cheap candidates sets more.
+    max_rejections: int = Field(default=5, ge=1)
 
 
 class TrainConfig(_Section):

@@ -17,7 +17,8 @@ It knows no task and no template: it reads the parent harness's KNOBS with
 3. **neighbour** — the nearest single-knob moves over all families: every knob's first
    neighbour, then every knob's second, and so on.
 
-Guaranteed: a proposal never repeats a setting tried on this parent (a history entry with
+Guaranteed (settings compared in the knobs that matter under the proposal: a knob whose
+`when` does not hold there changes nothing): a proposal never repeats a setting tried on this parent (a history entry with
 this `parent_id`; a knob missing from an entry's values counts as the parent's value) nor the
 parent's own setting; every value lies in its knob's domain; the same source, Decision,
 history, parent and seed give the same proposal. Among the allowed moves, one whose full
@@ -98,13 +99,21 @@ class _Parent:
         """The knobs `setting` sets to another value than the parent's."""
         return {n: setting[n] for n in self.names if not same_value(setting[n], self.values[n])}
 
+    def active(self, setting: Mapping[str, Any]) -> list[str]:
+        """The knobs that matter under `setting` (its `when` conditions hold)."""
+        return [n for n in self.names if self.decl.knobs[n].active(setting)]
+
     def new_here(self, setting: Mapping[str, Any]) -> bool:
-        return not _same(setting, self.values, self.names) and not any(
-            _same(setting, tried, self.names) for tried in self.here
+        """Not the parent's setting nor one tried on it, in the knobs that matter under it (a
+        move of a knob that does not matter there changes nothing)."""
+        live = self.active(setting)
+        return not _same(setting, self.values, live) and not any(
+            _same(setting, tried, live) for tried in self.here
         )
 
     def new_in_run(self, setting: Mapping[str, Any]) -> bool:
-        return not any(_same(setting, tried, self.names) for tried in self.seen)
+        live = self.active(setting)
+        return not any(_same(setting, tried, live) for tried in self.seen)
 
     def family_tries(self) -> Counter[str]:
         """How many settings tried on this parent changed a knob of each family."""

@@ -26,6 +26,7 @@ def _offline_feedback(cfg: RunConfig) -> FeedbackAgent:
         harness_minutes=a.harness_minutes,
         sft_minutes=a.sft_minutes,
         grpo_minutes=a.grpo_minutes,
+        max_rejections=a.max_rejections,
     )
     return OfflineFeedbackAgent(settings)
 

@@ -11,6 +11,8 @@ A harness file declares them as module-level literals, read here from the source
         "N_SAMPLES": {"family": "sampling", "int": [1, 16], "log": True},
         "PROMPT": {"family": "prompt", "choices": ["plain", "step_by_step"]},
         "PRIOR_WEIGHT": {"family": "scoring", "values": [0.0, 1.0, 3.0, 10.0]},  # ordered
+        "HINTS": {"family": "prompt", "choices": ["none", "terms"],
+                  "when": {"PROMPT": ["step_by_step"]}},  # matters only with that prompt
     }
     SIGNALS = {
         "ranked": {"kind": "ranking", "family": "shortlist"},
@@ -26,7 +28,8 @@ number). A signal names the knob `family` it speaks to; an `alternative` may nam
 `raises` when it beats the answer, and a `bound_family` to widen when the answer only follows
 it. Guaranteed: every knob names an UPPER_CASE module constant bound to a literal inside its
 domain (for `int`, `float` with a `step`: on the grid `low + k * step`); `log` takes `low > 0`
-and no `step`; a signal's `family` and `bound_family` are declared knob families; anything
+and no `step`; a knob's `when` ({"OTHER": [values]}: it matters only while OTHER holds one of
+them) names other knobs and values in their domains; a signal's `family` and `bound_family` are declared knob families; anything
 else is a one-line `KnobError` naming the knob or signal. Not guaranteed: that a knob's
 constant is actually used by `solve`, or that every value of its domain runs.
 """
@@ -43,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sialoop.errors import SialoopError
 
 _DOMAINS = ("choices", "values", "int", "float")
-_KEYS = frozenset({"family", "log", "step", *_DOMAINS})
+_KEYS = frozenset({"family", "log", "step", "when", *_DOMAINS})
 UP_SHIFTS = 4  # how many shifts `Knob.upward` looks ahead on an int or float domain
 
 
@@ -71,6 +74,15 @@ class Knob(BaseModel):
     high: float | None = None
     log: bool = False
     step: float | None = None
+    when: dict[str, tuple[Any, ...]] = Field(default_factory=dict)  # active only on these values
+
+    def active(self, setting: Mapping[str, Any]) -> bool:
+        """Whether the knob matters under `setting`: every knob its `when` names holds one of
+        the listed values (a knob without `when` always matters)."""
+        return all(
+            any(same_value(setting.get(name), v) for v in allowed)
+            for name, allowed in self.when.items()
+        )
 
     def contains(self, value: Any) -> bool:
         """Whether `value` is in the domain: a member of the choices (bools apart from ints), or
@@ -276,7 +288,7 @@ def _knob(name: Any, spec: Any) -> Knob:
     if unknown:
         raise KnobError(
             f"KNOBS[{name!r}]: unknown key {unknown[0]} (known: family, choices, values, int,"
-            " float, log, step)"
+            " float, log, step, when)"
         )
     family = spec.get("family")
     if not isinstance(family, str) or not family:
@@ -286,9 +298,16 @@ def _knob(name: Any, spec: Any) -> Knob:
         raise KnobError(
             f"KNOBS[{name!r}]: give exactly one domain of choices, values, int or float"
         )
-    if domain[0] in ("choices", "values"):
-        return _listed(name, family, domain[0], spec)
-    return _ranged(name, family, domain[0], spec)
+    listed = domain[0] in ("choices", "values")
+    knob = (_listed if listed else _ranged)(name, family, domain[0], spec)
+    when = spec.get("when", {})
+    if not isinstance(when, dict) or not all(
+        isinstance(k, str) and isinstance(v, list | tuple) and v for k, v in when.items()
+    ):
+        raise KnobError(
+            f"KNOBS[{name!r}]: 'when' must map knob names to non-empty lists of their values"
+        )
+    return knob.model_copy(update={"when": {k: tuple(v) for k, v in when.items()}})
 
 
 def _signal(name: Any, spec: Any, knobs: dict[str, Knob]) -> SignalSpec:
@@ -329,6 +348,15 @@ def read_declarations(source: str) -> Declarations:
     if not isinstance(raw_knobs, dict) or not isinstance(raw_signals, dict):
         raise KnobError("KNOBS and SIGNALS must be dict literals")
     knobs = {name: _knob(name, spec) for name, spec in raw_knobs.items()}
+    for knob in knobs.values():
+        for other, allowed in knob.when.items():
+            if other not in knobs or other == knob.name:
+                raise KnobError(f"knob {knob.name}: 'when' names {other}, not another knob")
+            outside = [v for v in allowed if not knobs[other].contains(v)]
+            if outside:
+                raise KnobError(
+                    f"knob {knob.name}: 'when' lists {outside[0]!r}, outside {other}'s domain"
+                )
     values = {}
     for name, knob in knobs.items():
         if not name.isupper() or name not in literals:

@@ -129,8 +129,10 @@ class DenoiseTask(Task):
     config_defaults: ClassVar[dict[str, Any]] = {
         "split": {"val_size": 0, "holdout_size": 0},
         "sandbox": {"workers": 1, "timeout_s": 900.0, "memory_mb": 16384, "file_size_mb": 4096},
-        "loop": {"minutes": 30.0, "train_batch": 4, "train_items": 8},
-        "agents": {"harness_minutes": 4.0},
+        # A candidate costs about half a minute on Tabula Muris: many generations, and a
+        # patient stop rule for a dozen knobs.
+        "loop": {"minutes": 25.0, "generations": 60, "train_batch": 4, "train_items": 8},
+        "agents": {"harness_minutes": 0.7, "max_rejections": 12},
     }
 
     def __init__(

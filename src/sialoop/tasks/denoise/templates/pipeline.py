@@ -46,15 +46,35 @@ HELDOUT = 1 / 9  # held-out counts per input count: the task's split keeps 0.9 f
 KNOBS = {
     "POWER": {"family": "post", "values": [1.0, 1.1, 1.15, 1.25, 1.5, 2.0, 3.0]},
     "POST": {"family": "post", "choices": ["counts", "explog"]},
-    "SINK": {"family": "post", "values": [0, 1, 3, 10, 30]},
-    "T": {"family": "smoothing", "values": [1, 2, 3, 4, 6, 8]},
-    "KNN": {"family": "smoothing", "values": [3, 5, 10, 15, 30]},
-    "DECAY": {"family": "smoothing", "values": [1, 2, 5, 10, 40]},
-    "MIX": {"family": "smoothing", "values": [0.0, 0.1, 0.25, 0.5]},
-    "N_PCA": {"family": "graph", "values": [10, 20, 50, 100, 200]},
-    "NORM": {"family": "transform", "choices": ["sqrt", "log", "none"]},
+    "SINK": {"family": "post", "values": [0, 1, 3, 10, 30], "when": {"POST": ["explog"]}},
+    "T": {
+        "family": "smoothing",
+        "values": [1, 2, 3, 4, 6, 8],
+        "when": {"METHOD": ["magic", "knn_mean"]},
+    },
+    "KNN": {
+        "family": "smoothing",
+        "values": [3, 5, 10, 15, 30],
+        "when": {"METHOD": ["magic", "knn_mean"]},
+    },
+    "DECAY": {"family": "smoothing", "values": [1, 2, 5, 10, 40], "when": {"METHOD": ["magic"]}},
+    "MIX": {
+        "family": "smoothing",
+        "values": [0.0, 0.1, 0.25, 0.5],
+        "when": {"METHOD": ["magic", "knn_mean", "alra"]},
+    },
+    "N_PCA": {
+        "family": "graph",
+        "values": [10, 20, 50, 100, 200],
+        "when": {"METHOD": ["magic", "knn_mean"]},
+    },
+    "NORM": {
+        "family": "transform",
+        "choices": ["sqrt", "log", "none"],
+        "when": {"METHOD": ["magic", "knn_mean", "alra"]},
+    },
     "METHOD": {"family": "method", "choices": ["magic", "knn_mean", "alra", "none"]},
-    "RANK": {"family": "method", "values": [10, 20, 50, 100]},
+    "RANK": {"family": "method", "values": [10, 20, 50, 100], "when": {"METHOD": ["alra"]}},
     "MASS": {"family": "mass", "choices": ["none", "libsize"]},
 }  # families in the order a search without evidence should try them (largest payoff first)
 SIGNALS = {}
