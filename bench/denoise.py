@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,11 @@ def denoise(counts):
     return np.square(np.asarray(x))
 '''
 KNOBS = {"NORM": "log", "T": 2, "POST": "explog", "SINK": 1, "MASS": "libsize"}
+GENERATOR = files("sialoop.tasks.denoise") / "templates" / "generator.py"
 LOOP_ROWS = {
     "harness": ["--set", "loop.levers=['harness']"],
-    "weights": ["--set", "loop.levers=['weights']", "--harness-template", "generator"],
-    "both": ["--set", "loop.levers=['harness','weights']", "--harness-template", "generator"],
+    "weights": ["--set", "loop.levers=['weights']", "--set", f"harness='{GENERATOR}'"],
+    "both": ["--set", f"harness='{GENERATOR}'"],
 }
 
 
@@ -108,7 +110,10 @@ def program_figures(task: DenoiseTask, source: str) -> dict[str, dict[str, Any]]
                 "poisson_norm_raw": d.get("poisson_norm_raw"),
             }  # fmt: skip
         except Exception as err:  # an invalid or failing program is a result, with why
-            out[inst.inputs["dataset"]] = {"valid": False, "error": str(err)[:400]}
+            measured = getattr(err, "figures", {})
+            out[inst.inputs["dataset"]] = {"valid": False, "error": str(err)[:400]} | {
+                f"invalid_{k}": measured.get(k) for k in ("mse_norm", "poisson_norm")
+            }
     return out
 
 
@@ -129,6 +134,13 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _transfer(figs: list[dict]) -> str:
+    valid = [f["mse_norm"] for f in figs if f.get("valid") and f.get("mse_norm") is not None]
+    invalid = [f["invalid_mse_norm"] for f in figs if f.get("invalid_mse_norm") is not None]
+    text = f"{_stat(valid)} ({len(valid)}/{len(figs)} valid)"
+    return text + (f", invalid ones {_stat(invalid)}" if invalid else "")
+
+
 def print_table(result: dict, headline: str) -> None:
     print(f"\nTabula Muris ({headline}), split seeds {sorted(result['seeds'])}, test half")
     print("| row | " + " | ".join(COLUMNS) + " | other datasets (mse_norm, valid) |")
@@ -139,6 +151,10 @@ def print_table(result: dict, headline: str) -> None:
             got = [s[headline].get(col) for s in per_seed.values() if headline in s]
             if col == "valid":
                 cells.append(f"{sum(bool(v) for v in got)}/{len(got)}")
+            elif col in ("mse_norm", "poisson_norm") and all(v is None for v in got):
+                invalid = [s[headline].get(f"invalid_{col}") for s in per_seed.values()]
+                shown = _stat([float(v) for v in invalid if isinstance(v, int | float)])
+                cells.append(f"- (invalid: {shown})" if shown != "-" else "-")
             else:
                 cells.append(_stat([float(v) for v in got if isinstance(v, int | float)]))
         others = {}
@@ -146,11 +162,7 @@ def print_table(result: dict, headline: str) -> None:
             for ds, fig in s.items():
                 if ds != headline and isinstance(fig, dict):
                     others.setdefault(ds, []).append(fig)
-        other = "; ".join(
-            f"{ds}: {_stat([f['mse_norm'] for f in figs if f.get('mse_norm') is not None])} "
-            f"({sum(bool(f.get('valid')) for f in figs)}/{len(figs)})"
-            for ds, figs in others.items()
-        )
+        other = "; ".join(f"{ds}: {_transfer(figs)}" for ds, figs in others.items())
         print(f"| {name} | " + " | ".join(cells) + f" | {other} |")
 
 

@@ -29,8 +29,8 @@ def _args(tmp_path: Path, model: Path, run_id: str, *extra: str) -> list[str]:
 
 def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny_model_dir: Path):
     """Toy with real SFT: the weights lever (its rules fire on repeated confusions) improves the
-    tiny model, and the gate accepts and rejects. Harness candidates on toy are asserted by the
-    any-task run (tests/test_any_task.py)."""
+    tiny model, and each of the gate's verdicts follows its rule. Harness candidates on toy are
+    asserted by the any-task run (tests/test_any_task.py)."""
     args = _args(
         tmp_path,
         tiny_model_dir,
@@ -47,8 +47,17 @@ def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny
     store = Store.open(tmp_path / "r")
     decisions = [d for d in store.decisions() if d.generation > 0]
     assert "weights" in {d.lever.value for d in decisions}, [d.rationale for d in decisions]
+    # Which candidates pass depends on near-ties of a random tiny model (batch composition moves
+    # them), so the test checks that every verdict follows the gate's rule, not which ones came.
     statuses = {v.status for v in store.versions() if v.generation > 0}
-    assert "accepted" in statuses and statuses & {"rejected", "broken"}, statuses
+    assert "accepted" in statuses and statuses <= {"accepted", "rejected", "broken"}, statuses
+    for v in store.versions():
+        g = v.detail.get("gate", {})
+        if v.generation == 0 or not g:
+            continue
+        better = g["delta"] > 0 and g["p_value"] < g["alpha"] == 0.3
+        cheaper = g["verdict"] == "cheaper" and g["candidate_seconds"] < g["incumbent_seconds"]
+        assert (v.status == "accepted") == (better or cheaper) == g["accepted"], g
     for v in store.versions():
         if v.generation > 0 and v.status in ("accepted", "rejected"):
             gate = v.detail["gate"]

@@ -54,7 +54,13 @@ def self_solving(source: str, entry: str) -> str:
 
 
 class ProgramFailed(Exception):
-    """A candidate program failed: it raised, broke its worker, or its output failed a check."""
+    """A candidate program failed: it raised, broke its worker, or its output failed a check.
+    `figures` holds what was measured of an output that failed its check (empty otherwise), so
+    a report can say what the output would have scored without the check ever counting it."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.figures = dict(figures or {})
 
 
 def exchange_root() -> Path:

@@ -271,7 +271,7 @@ class DenoiseTask(Task):
                 try:
                     self._scores[key] = self._measure(instance.id, case, source, digest)
                 except ProgramFailed as err:
-                    raise ProgramFailed(f"{case.name}: {err}") from None
+                    raise ProgramFailed(f"{case.name}: {err}", err.figures) from None
             return self._scores[key]
 
     def _measure(self, iid: str, case: _Case, source: str, digest: str) -> Score:
@@ -291,7 +291,8 @@ class DenoiseTask(Task):
             (self._workspace.exchange / name).unlink(missing_ok=True)
         figures = evaluate(out, case.controls)
         if not figures["valid"]:
-            raise ProgramFailed(f"invalid output: {figures['why']}")
+            figures.pop("units", None)
+            raise ProgramFailed(f"invalid output: {figures.pop('why')}", figures)
         units = figures.pop("units")
         figures.pop("why")
         detail: dict[str, Any] = {
