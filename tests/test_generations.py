@@ -27,6 +27,7 @@ def _args(tmp_path: Path, model: Path, run_id: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # its fast-suite share: the killed-and-resumed training run below
 def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny_model_dir: Path):
     """Toy with real SFT: the weights lever (its rules fire on repeated confusions) improves the
     tiny model, and each of the gate's verdicts follows its rule. Harness candidates on toy are
@@ -152,7 +153,18 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
     if kill_point == "training":
         v1 = store.version("v1")
         assert v1.detail["training"]["resumed_from_step"] > 0
-        assert v1.status in ("accepted", "rejected")
+        assert v1.status in ("accepted", "rejected") and v1.parent_id == "v0"
+        # the resumed adapter went through the gate like any candidate: its verdict follows
+        # the rule on all 16 val items, and the Decision that asked for it says why
+        g = v1.detail["gate"]
+        better = g["delta"] > 0 and g["p_value"] < g["alpha"]
+        cheaper = g["verdict"] == "cheaper" and g["candidate_seconds"] < g["incumbent_seconds"]
+        assert g["n_paired"] == 16, g
+        assert (v1.status == "accepted") == (better or cheaper) == g["accepted"], g
+        (decision,) = [d for d in store.decisions() if d.generation == 1]
+        assert decision.lever.value == "weights" and decision.rationale
+        assert "rule" in decision.evidence
+        assert (root / "adapters/v1/adapter").is_dir()
 
 
 def test_a_run_that_cannot_go_on_ends_failed_with_its_reason(tmp_path: Path, tiny_model_dir: Path):
