@@ -13,7 +13,9 @@ steps; every step cites its numbers in the rationale:
    rejected candidates (both levers). The budget stops need no trajectory:
    `decide_before_rollout` applies them before the loop pays for the generation's rollout.
 2. Each enabled lever that fits the budget gets a proposal (`agents/rules.py`: the harness rules,
-   the weights rule and the method, the fallbacks).
+   the weights rule and the method, the fallbacks). The weights lever gets none when the batch
+   made no policy call (tokens per item 0: a program that never asks the model); if it was the
+   only lever left, the run stops (rule `policy_unused`).
 3. Choose, in this order: a lever whose last `lever_patience` candidates were all rejected loses
    to one that was not; a supported lever beats a fallback; an untried lever is explored (while
    one attempt of it costs at most `explore_share` of the minutes left); the higher val gain per
@@ -75,6 +77,18 @@ _Key = tuple[bool, bool, bool, float, float, int, int]
 
 def _stop(rule: str, why: str) -> LeverProposal:
     return LeverProposal(lever=Lever.stop, rule=rule, why=f"Stop: {why}")
+
+
+_POLICY_UNUSED = (
+    "the harness made no policy calls on this batch (0 tokens per item), so new weights could "
+    "not change its outputs and there is nothing to train on; a harness that asks the policy "
+    "(for a program task, the task's generator template) gives the weights lever work."
+)
+
+
+def _policy_unused(ev: Evidence) -> bool:
+    """Every trajectory of the batch is known to have made no LLM call."""
+    return ev.tokens_per_item == 0
 
 
 def _levers(context: FeedbackContext) -> list[Lever]:
@@ -271,17 +285,19 @@ class OfflineFeedbackAgent:
         s, minutes = self.settings, self._lever_minutes(costs, context)
         proposals = []
         for lever, m in minutes.items():
-            if m > budget.minutes_left:
+            if m > budget.minutes_left or (lever is Lever.weights and _policy_unused(ev)):
                 continue
             if lever is Lever.harness:
                 specific = harness_rule(ev, context, s)
             else:
                 specific = weights_rule(ev, budget, costs, s)
             proposals.append(specific or fallback(lever, ev, context, history, budget, costs, s))
+        if not proposals:  # only weights was left, and the harness never calls the policy
+            return _stop("policy_unused", _POLICY_UNUSED), "stop", ""
         proposals.sort(key=lambda p: self._key(p, ev, budget, minutes))
         best = proposals[0]
         if len(proposals) == 1:
-            return best, "only_feasible", self._why_alone(best, budget, minutes, costs)
+            return best, "only_feasible", self._why_alone(best, ev, budget, minutes)
         other = proposals[1]
         bk, ok = self._key(best, ev, budget, minutes), self._key(other, ev, budget, minutes)
         at = next(i for i, (b, o) in enumerate(zip(bk, ok, strict=True)) if b != o)
@@ -290,13 +306,15 @@ class OfflineFeedbackAgent:
     def _why_alone(
         self,
         best: LeverProposal,
+        ev: Evidence,
         budget: Budget,
         minutes: dict[Lever, float],
-        costs: dict[str, float],
     ) -> str:
         other = Lever.weights if best.lever is Lever.harness else Lever.harness
         if other not in minutes:
             return f"The {other} lever is off for this run."
+        if other is Lever.weights and _policy_unused(ev):
+            return f"The weights lever is left out: {_POLICY_UNUSED}"
         return (
             f"The {other} lever (about {minutes[other]:.0f} min) does not fit the "
             f"{budget.minutes_left:.0f} min left."
