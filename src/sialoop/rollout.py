@@ -257,13 +257,14 @@ def evaluate(
     trajectories = rollout(ctx, instances, on_done, reuse=not forced)
     infra = infra_failures(trajectories)
     share = ctx.sandbox.degraded_share
+    counted = {i.id for i in instances if ctx.task.counts_toward_score(i)}
     evaluation = Evaluation(
         run_id=ctx.run_id,
         version_id=ctx.version.version_id,
         split=split or instances[0].split,
         metric=ctx.task.metric.name,
         direction=ctx.task.metric.direction,
-        value=ctx.task.aggregate([t.score for t in trajectories]),
+        value=ctx.task.aggregate([t.score for t in trajectories if t.instance_id in counted]),
         n=len(trajectories),
         n_errors=sum(t.error is not None for t in trajectories),
         seconds=time.monotonic() - start,

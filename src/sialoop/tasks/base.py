@@ -123,6 +123,12 @@ class Task(ABC):
         least this. 0.0: the gate's tests alone account for noise."""
         return 0.0
 
+    def counts_toward_score(self, instance: Instance) -> bool:
+        """Whether `instance`'s score enters its split's value. An instance that is only
+        reported beside it (a transfer dataset, a sanity check) returns False: it is still
+        rolled out, scored and stored, and a failure of it is not the split's failure."""
+        return True
+
     def aggregate(self, scores: Sequence[Score | None]) -> float | None:
         """The split's value from per-instance scores, by `metric.aggregate`. An unscored item
         counts as `metric.failure_value`; without one, a split with an unscored item is None."""

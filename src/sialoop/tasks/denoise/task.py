@@ -225,13 +225,10 @@ class DenoiseTask(Task):
     def adapt_harness(self, source: str) -> str:
         return self_solving(source, "denoise")
 
-    def aggregate(self, scores: list[Score | None]) -> float | None:  # type: ignore[override]
-        """The headline instances' mean mse_norm; None when one of them is invalid. Transfer
-        instances are reported in their scores and never counted."""
-        head = [s for s in scores if s is None or s.detail.get("role") != "transfer"]
-        if not head or any(s is None for s in head):
-            return None
-        return sum(s.value for s in head if s is not None) / len(head)
+    def counts_toward_score(self, instance: Instance) -> bool:
+        """Transfer datasets are reported beside the headline and never counted: an invalid
+        output on one of them is its own figure, not the split's failure."""
+        return self._cases[instance.id].role != "transfer"
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {s: len(self._instances[s]) for s in ("train", "val", "test")}
