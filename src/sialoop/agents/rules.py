@@ -138,7 +138,7 @@ def _format_rule(ev: Evidence, ctx: FeedbackContext, s: OfflineFeedbackSettings)
     why = (
         f"Harness, {_named(focus)}: {fmt:.0%} of {ev.n} outputs are not a valid answer "
         f"({f[FailureClass.invalid_label]} answers outside the option set, "
-        f"{f[FailureClass.unparsable]} unparsable), at or above the {s.format_share:.0%} "
+        f"{f[FailureClass.unparsable]} unparsable or refused by the task's check), at or above the {s.format_share:.0%} "
         f"threshold."
     )
     return [_Fired("format_failures", focus, why, fmt)]
