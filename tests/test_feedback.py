@@ -508,6 +508,25 @@ def test_the_harness_fallback_focuses_a_family_not_tried_recently():
     assert "weights lever is off" in d.rationale
 
 
+def test_after_a_rejected_round_of_every_family_the_whole_space_alternates_with_them():
+    harness_only = LAW.model_copy(update={"levers": ("harness",)})
+    families = ["examples", "shortlist", "scoring", "format"]
+    accepted = [outcome(Lever.harness, True, 0.01, focus="examples")]
+    rejected = [outcome(Lever.harness, False, -0.01, focus=f) for f in families]
+    d = decide(noise_batch(), history=accepted + rejected[:3], context=harness_only)
+    assert d.settings == {"focus": "examples"}  # three of four families rejected: local still
+    d = decide(noise_batch(), history=accepted + rejected, context=harness_only)
+    assert d.settings == {"focus": None} and "whole space" in d.rationale
+    assert "last 4 harness candidates were all rejected" in d.rationale
+    whole = outcome(Lever.harness, False, -0.01)  # the whole-space try was rejected as well
+    patient = OfflineFeedbackSettings(max_rejections=12)
+    d = decide(
+        noise_batch(), history=accepted + rejected + [whole], context=harness_only,
+        settings=patient,
+    )  # fmt: skip
+    assert d.settings["focus"] in families  # and the families get their turn again
+
+
 @pytest.mark.parametrize(
     ("budget", "rule"),
     [

@@ -329,8 +329,17 @@ def _fallback_focus(
     if near is not None and (family := ctx.declarations.signals[near.signal].family):
         return family, f"signal {near.signal!r} has near misses ({pct(near.near_miss_share)})"
     harness = [o for o in history.outcomes if o.decision.lever is Lever.harness]
+    families = ctx.declarations.families
+    stale = ev.levers[Lever.harness].trailing_rejections if Lever.harness in ev.levers else 0
+    if families and stale >= len(families) and harness[-1].decision.settings.get("focus"):
+        # every family has had its local moves since the last acceptance: alternate them with
+        # the whole space, where the search can leave the incumbent's basin
+        return None, (
+            f"the last {stale} harness candidates were all rejected, as many as the declared "
+            f"families: the whole space, every other generation"
+        )
     recent = {o.decision.settings.get("focus") for o in harness[-s.recent_focus :]}
-    fresh = [f for f in ctx.declarations.families if f not in recent]
+    fresh = [f for f in families if f not in recent]
     if fresh:
         return fresh[0], f"the first declared family not focused in the last {s.recent_focus}"
     return None, "no declared family left untried recently"
