@@ -514,7 +514,7 @@ def test_after_a_rejected_round_of_every_family_the_whole_space_alternates_with_
     accepted = [outcome(Lever.harness, True, 0.01, focus="examples")]
     rejected = [outcome(Lever.harness, False, -0.01, focus=f) for f in families]
     d = decide(noise_batch(), history=accepted + rejected[:3], context=harness_only)
-    assert d.settings == {"focus": "examples"}  # three of four families rejected: local still
+    assert d.settings == {"focus": "format"}  # three of four rejected: the one never focused
     d = decide(noise_batch(), history=accepted + rejected, context=harness_only)
     assert d.settings == {"focus": None} and "whole space" in d.rationale
     assert "last 4 harness candidates were all rejected" in d.rationale

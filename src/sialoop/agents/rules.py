@@ -22,8 +22,10 @@ Weights rule `learnable_pattern`: near misses in a ranking signal, or confusions
 instances. Method: GRPO when sampled groups show reward variance and GRPO fits the budget, else
 SFT. A lever with no firing rule gets a fallback proposal that says so; its `addressable` is
 None (a fallback's share of the batch is not measured, and never decides a choice). The harness
-fallback focuses the family of a ranking signal with near misses, else the first declared family
-that none of the last `recent_focus` harness decisions focused, else None.
+fallback focuses the family of a ranking signal with near misses; else, once as many harness
+candidates in a row as there are declared families were rejected, the whole space (None) every
+other generation; else, of the families none of the last `recent_focus` harness decisions
+focused, one never focused (declaration order) or the one focused longest ago; else None.
 
 Harness `settings`: `{"focus": str | None, "raise": str, "gap": float}`, the last two only when
 an alternative's rule set them. Weights `settings`: only trainer settings.
@@ -339,9 +341,15 @@ def _fallback_focus(
             f"families: the whole space, every other generation"
         )
     recent = {o.decision.settings.get("focus") for o in harness[-s.recent_focus :]}
+    last = {o.decision.settings.get("focus"): i for i, o in enumerate(harness)}
     fresh = [f for f in families if f not in recent]
     if fresh:
-        return fresh[0], f"the first declared family not focused in the last {s.recent_focus}"
+        # never focused first (in declaration order), then the longest ago: every family gets
+        # its turn, not only the first few
+        pick = min(fresh, key=lambda f: (f in last, last.get(f, -1), list(families).index(f)))
+        return pick, (
+            f"the declared family focused longest ago (never, or not in the last {s.recent_focus})"
+        )
     return None, "no declared family left untried recently"
 
 
