@@ -27,6 +27,13 @@ def _args(tmp_path: Path, model: Path, run_id: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _verdict_follows_the_rule(status: str, g: dict) -> bool:
+    """Accepted exactly when better beyond noise or cheaper at no loss, and the record agrees."""
+    better = g["delta"] > 0 and g["p_value"] < g["alpha"]
+    cheaper = g["verdict"] == "cheaper" and g["candidate_seconds"] < g["incumbent_seconds"]
+    return (status == "accepted") == (better or cheaper) == g["accepted"]
+
+
 @pytest.mark.slow  # its fast-suite share: the killed-and-resumed training run below
 def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny_model_dir: Path):
     """Toy with real SFT: the weights lever (its rules fire on repeated confusions) improves the
@@ -56,9 +63,7 @@ def test_three_generations_of_training_and_the_gate_decides(tmp_path: Path, tiny
         g = v.detail.get("gate", {})
         if v.generation == 0 or not g:
             continue
-        better = g["delta"] > 0 and g["p_value"] < g["alpha"] == 0.3
-        cheaper = g["verdict"] == "cheaper" and g["candidate_seconds"] < g["incumbent_seconds"]
-        assert (v.status == "accepted") == (better or cheaper) == g["accepted"], g
+        assert g["alpha"] == 0.3 and _verdict_follows_the_rule(v.status, g), g
     for v in store.versions():
         if v.generation > 0 and v.status in ("accepted", "rejected"):
             gate = v.detail["gate"]
@@ -157,10 +162,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path: Path, tiny_model_dir: Path,
         # the resumed adapter went through the gate like any candidate: its verdict follows
         # the rule on all 16 val items, and the Decision that asked for it says why
         g = v1.detail["gate"]
-        better = g["delta"] > 0 and g["p_value"] < g["alpha"]
-        cheaper = g["verdict"] == "cheaper" and g["candidate_seconds"] < g["incumbent_seconds"]
-        assert g["n_paired"] == 16, g
-        assert (v1.status == "accepted") == (better or cheaper) == g["accepted"], g
+        assert g["n_paired"] == 16 and _verdict_follows_the_rule(v1.status, g), g
         (decision,) = [d for d in store.decisions() if d.generation == 1]
         assert decision.lever.value == "weights" and decision.rationale
         assert "rule" in decision.evidence

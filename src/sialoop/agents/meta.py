@@ -18,12 +18,12 @@ It knows no task and no template: it reads the parent harness's KNOBS with
    neighbour, then every knob's second, and so on.
 
 Guaranteed (settings compared in the knobs that matter under the proposal: a knob whose
-`when` does not hold there changes nothing): a proposal never repeats a setting tried on this parent (a history entry with
-this `parent_id`; a knob missing from an entry's values counts as the parent's value) nor the
-parent's own setting; every value lies in its knob's domain; the same source, Decision,
-history, parent and seed give the same proposal. Among the allowed moves, one whose full
-setting the run has not tried under any parent is preferred; one it has is proposed only when
-no other is left, and its `why` says so. Not guaranteed: that None means the space is
+`when` does not hold there changes nothing): a proposal never repeats a setting tried on this
+parent (a history entry with this `parent_id`; a knob missing from an entry's values counts as
+the parent's value) nor the parent's own setting; every value lies in its knob's domain; the
+same source, Decision, history, parent and seed give the same proposal. Among the allowed
+moves, one whose full setting the run has not tried under any parent is preferred; one it has
+is proposed only when no other is left, and its `why` says so. Not guaranteed: that None means the space is
 exhausted (only that no search above found a new setting), or that a proposed value runs.
 """
 

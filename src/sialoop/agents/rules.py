@@ -140,8 +140,8 @@ def _format_rule(ev: Evidence, ctx: FeedbackContext, s: OfflineFeedbackSettings)
     why = (
         f"Harness, {_named(focus)}: {fmt:.0%} of {ev.n} outputs are not a valid answer "
         f"({f[FailureClass.invalid_label]} answers outside the option set, "
-        f"{f[FailureClass.unparsable]} unparsable or refused by the task's check), at or above the {s.format_share:.0%} "
-        f"threshold."
+        f"{f[FailureClass.unparsable]} unparsable or refused by the task's check), at or above "
+        f"the {s.format_share:.0%} threshold."
     )
     return [_Fired("format_failures", focus, why, fmt)]
 
@@ -344,9 +344,9 @@ def _fallback_focus(
     last = {o.decision.settings.get("focus"): i for i, o in enumerate(harness)}
     fresh = [f for f in families if f not in recent]
     if fresh:
-        # never focused first (in declaration order), then the longest ago: every family gets
-        # its turn, not only the first few
-        pick = min(fresh, key=lambda f: (f in last, last.get(f, -1), list(families).index(f)))
+        # never focused (-1) first, then the longest ago; `min` keeps declaration order on ties:
+        # every family gets its turn, not only the first few
+        pick = min(fresh, key=lambda f: last.get(f, -1))
         return pick, (
             f"the declared family focused longest ago (never, or not in the last {s.recent_focus})"
         )

@@ -29,9 +29,10 @@ number). A signal names the knob `family` it speaks to; an `alternative` may nam
 it. Guaranteed: every knob names an UPPER_CASE module constant bound to a literal inside its
 domain (for `int`, `float` with a `step`: on the grid `low + k * step`); `log` takes `low > 0`
 and no `step`; a knob's `when` ({"OTHER": [values]}: it matters only while OTHER holds one of
-them) names other knobs and values in their domains; a signal's `family` and `bound_family` are declared knob families; anything
-else is a one-line `KnobError` naming the knob or signal. Not guaranteed: that a knob's
-constant is actually used by `solve`, or that every value of its domain runs.
+them) names other knobs and values in their domains; a signal's `family` and `bound_family`
+are declared knob families; anything else is a one-line `KnobError` naming the knob or
+signal. Not guaranteed: that a knob's constant is actually used by `solve`, or that every value
+of its domain runs.
 """
 
 from __future__ import annotations

@@ -287,11 +287,9 @@ class DenoiseTask(Task):
         finally:
             (self._workspace.exchange / name).unlink(missing_ok=True)
         figures = evaluate(out, case.controls)
+        why, units = figures.pop("why"), figures.pop("units", None)
         if not figures["valid"]:
-            figures.pop("units", None)
-            raise ProgramFailed(f"invalid output: {figures.pop('why')}", figures)
-        units = figures.pop("units")
-        figures.pop("why")
+            raise ProgramFailed(f"invalid output: {why}", figures)
         detail: dict[str, Any] = {
             "dataset": case.name, "role": case.role, **figures, "units": units,
             "seconds": reply.get("seconds"), "import_s": reply.get("import_s"),
