@@ -421,18 +421,23 @@ def test_a_lower_is_better_task_reads_oriented_gains():
     assert d.lever is Lever.weights and d.evidence["chosen_by"] == "gain_per_minute"
 
 
-def test_a_program_that_never_calls_the_policy_leaves_the_weights_lever_out():
-    # the same batch and history that choose weights above, but every episode is known to have
-    # made no LLM call: training the policy could not change what the program returns
+@pytest.mark.parametrize(
+    ("context", "batch"), [(MSE, mse_batch), (LAW, pattern_batch)], ids=["program", "options"]
+)
+def test_a_harness_that_never_calls_the_policy_leaves_the_weights_lever_out(context, batch):
+    # batches and a history that choose weights (a measured program task; an options task
+    # whose rule fires for weights), but every episode is known to have made no LLM call:
+    # training the policy could not change what the harness returns
     history = [outcome(Lever.harness, True, 0.01), outcome(Lever.weights, True, 0.05)]
-    silent = [t.model_copy(update={"tokens": 0}) for t in mse_batch()]
-    d = decide(silent, history=history, context=MSE)
+    asking = [t.model_copy(update={"tokens": 40}) for t in batch()]
+    assert decide(asking, history=history, context=context).lever is Lever.weights
+    silent = [t.model_copy(update={"tokens": 0}) for t in batch()]
+    d = decide(silent, history=history, context=context)
     assert d.lever is Lever.harness and d.evidence["chosen_by"] == "only_feasible"
     assert "weights lever is left out" in d.rationale and "no policy calls" in d.rationale
-    only_weights = MSE.model_copy(update={"levers": ("weights",)})
+    only_weights = context.model_copy(update={"levers": ("weights",)})
     stop = decide(silent, history=history, context=only_weights)
     assert stop.lever is Lever.stop and stop.evidence["rule"] == "policy_unused"
-    asking = [t.model_copy(update={"tokens": 40}) for t in mse_batch()]
     assert decide(asking, history=history, context=only_weights).lever is Lever.weights
 
 
