@@ -78,9 +78,38 @@ class GateConfig(_Section):
     noise: Literal["task", "items", "units"] = "task"
 
 
+class LLMAgentConfig(_Section):
+    """An LLM behind one agent: a shipped profile (agents/profiles.py) and what overrides it, or
+    a whole table. The key is never in config: `key_env` names the environment variable that
+    holds it (None: the server needs none, as a local vLLM or llama.cpp server)."""
+
+    profile: str | None = None
+    provider: Literal["openai", "anthropic"] | None = None  # openai: any compatible URL
+    model: str | None = None  # "auto": the first model the server lists
+    base_url: str | None = None  # None: the SDK's own (its *_BASE_URL variable, else the cloud)
+    key_env: str | None = None
+    timeout_s: float = Field(default=120.0, gt=0)  # per request
+    retries: int = Field(default=3, ge=0)  # on 429, 5xx, a timeout or a dropped connection
+    backoff_s: float = Field(default=1.0, ge=0)  # first wait; doubles, capped at 30 s
+    max_tokens: int = Field(default=4096, ge=16)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # None: the model's default
+    structured: bool = True  # decisions as JSON-schema structured output (off: JSON in text)
+    usd_per_mtok_in: float | None = Field(default=None, ge=0)  # prices, for a dollar budget
+    usd_per_mtok_out: float | None = Field(default=None, ge=0)
+
+
 class AgentsConfig(_Section):
-    feedback: str = "offline"  # the Feedback-Agent (agents/registry.py)
-    meta: str = "offline"  # the Meta-Agent
+    # Each agent: "offline" (the default), a shipped LLM profile's name (openai, anthropic,
+    # openrouter, vllm, llamacpp, ollama), a table, or a plug-in's package.module:attr.
+    feedback: str | LLMAgentConfig = "offline"  # the Feedback-Agent (agents/registry.py)
+    meta: str | LLMAgentConfig = "offline"  # the Meta-Agent
+    # What the LLM agents may spend in one run, both together (0: no limit). Once spent, the
+    # offline agents take over; the run goes on.
+    budget_tokens: int = Field(default=0, ge=0)
+    budget_usd: float = Field(default=0.0, ge=0)
+    # Trajectories an LLM agent reads per prompt (failures first), and past edits it is shown.
+    sample_trajectories: int = Field(default=6, ge=0, le=64)
+    history_edits: int = Field(default=8, ge=0, le=64)
     # The first guess of one attempt's minutes, per lever; once the lever has history on this
     # run, the run's own measured costs replace it.
     harness_minutes: float = Field(default=1.5, gt=0)

@@ -104,6 +104,14 @@ def _disk(root: Path) -> Check:
     )
 
 
+def _agent_name(spec: object) -> str:
+    from sialoop.config import LLMAgentConfig
+
+    if isinstance(spec, LLMAgentConfig):
+        return f"llm ({spec.profile or spec.provider} {spec.model or ''})".replace(" )", ")")
+    return str(spec)
+
+
 def run_checks(data: Path, runs_dir: Path) -> list[Check]:
     return [_torch(), _model(), *_data(data), _port(), _disk(runs_dir)]
 
@@ -248,7 +256,7 @@ def _packages() -> Check:
 
 def run_checks_for(cfg: RunConfig) -> list[Check]:
     """What the run `cfg` describes needs, each check on its own line (none stops the rest)."""
-    from sialoop.preflight import check_harness, check_plugins
+    from sialoop.preflight import check_agents, check_harness, check_plugins
 
     def harness() -> str:
         check_harness(cfg.harness)
@@ -258,8 +266,11 @@ def run_checks_for(cfg: RunConfig) -> list[Check]:
         check_plugins(cfg)
         return (
             f"policy {cfg.policy.backend}, sandbox {cfg.sandbox.runtime}, agents "
-            f"{cfg.agents.feedback} / {cfg.agents.meta}"
+            f"{_agent_name(cfg.agents.feedback)} / {_agent_name(cfg.agents.meta)}"
         )
+
+    def agents() -> str:
+        return "; ".join(check_agents(cfg)) or "offline: no endpoint to reach"
 
     where = "default" if cfg.task is None else cfg.task
     data_check, task = _task_check(cfg)
@@ -268,6 +279,7 @@ def run_checks_for(cfg: RunConfig) -> list[Check]:
         data_check,
         _attempt("harness", harness),
         _attempt("plugins", plugins),
+        _attempt("agents", agents),
         *_model_checks(cfg),
         _runs_folder(cfg),
         _disk(cfg.runs_dir),

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import httpx
 from rich.console import Console
 
-from sialoop.agents.base import MetaAgent, TriedSetting
+from sialoop.agents.base import EditRequest, HarnessWriter, MetaAgent, TriedSetting
 from sialoop.agents.registry import meta_agent
+from sialoop.agents.views import past_edits, trajectory_views
 from sialoop.config import RunConfig
 from sialoop.errors import PolicyError
 from sialoop.harness.knobs import KnobError, read_declarations
@@ -53,7 +54,8 @@ class LoopContext:
 
     def __post_init__(self) -> None:
         if not self.levers:
-            self.levers = {"harness": HarnessLever(meta_agent(self.cfg)), "weights": WeightsLever()}
+            meta = meta_agent(self.cfg, self.store)
+            self.levers = {"harness": HarnessLever(meta), "weights": WeightsLever()}
 
     def rollout_ctx(self, version: Version) -> RolloutContext:
         return RolloutContext(self.store, self.task, version, self.policy_url, self.cfg.sandbox)
@@ -150,29 +152,66 @@ def tried_settings(store: Store, sign: float) -> list[TriedSetting]:
     return out
 
 
+def _diff(old: str, new: str, old_path: str, new_path: str) -> str:
+    return "".join(
+        difflib.unified_diff(
+            old.splitlines(keepends=True), new.splitlines(keepends=True), old_path, new_path
+        )
+    )
+
+
+def edit_request(ctx: LoopContext, parent: Version, decision: Decision) -> EditRequest:
+    """What an LLM Meta-Agent is given: the task, the incumbent, the Decision, the incumbent's
+    trajectories of this run's batches (train; val for a task without train) and past edits."""
+    store, task, a = ctx.store, ctx.task, ctx.cfg.agents
+    split = "train" if task.instances("train") else "val"
+    trajectories = store.trajectories(parent.version_id, split)
+    inputs = {i.id: i.inputs for i in task.instances(split)}
+    val = {e.version_id: e.value for e in store.evaluations("val") if not e.forced}
+    return EditRequest(
+        generation=decision.generation,
+        task_spec=task.spec(),
+        metric=task.metric,
+        parent_id=parent.version_id,
+        parent_val=val.get(parent.version_id),
+        source=store.path(parent.harness_path).read_text(),
+        decision=decision,
+        trajectories=trajectory_views(
+            trajectories, task.metric, a.sample_trajectories, store=store, inputs=inputs
+        ),
+        n_trajectories=len(trajectories),
+        edits=past_edits(store, a.history_edits),
+    )
+
+
 class HarnessLever:
-    def __init__(self, meta: MetaAgent) -> None:
+    """The Meta-Agent's new harness, validated. A `HarnessWriter` (an LLM) writes code: its
+    failed edit goes back to it once with the error, then its attempts are archived as broken
+    versions (`<id>.llm1`, `<id>.llm2`) and its `fallback` makes the candidate, recorded in the
+    candidate's `detail["llm"]`."""
+
+    def __init__(self, meta: MetaAgent | HarnessWriter) -> None:
         self.meta = meta
 
     def make(
         self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str
     ) -> Version:
+        if isinstance(self.meta, HarnessWriter):
+            return self._written(ctx, parent, decision, version_id, self.meta)
+        return self._knobs(ctx, parent, decision, version_id, self.meta)
+
+    def _knobs(
+        self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str,
+        meta: MetaAgent,
+    ) -> Version:  # fmt: skip
         store = ctx.store
         source = store.path(parent.harness_path).read_text()
         history = tried_settings(store, ctx.task.metric.sign)
-        proposal = self.meta.propose(source, decision, history, parent.version_id)
+        proposal = meta.propose(source, decision, history, parent.version_id)
         base = _base(parent, decision, version_id)
         if proposal is None:
             return broken(base, "no untried knob setting left (or the harness declares no knobs)")
-        new = ctx.task.adapt_harness(self.meta.write(source, proposal))
-        diff = "".join(
-            difflib.unified_diff(
-                source.splitlines(keepends=True),
-                new.splitlines(keepends=True),
-                parent.harness_path,
-                f"harness/{version_id}.py",
-            )
-        )
+        new = ctx.task.adapt_harness(meta.write(source, proposal))
         version = base.model_copy(
             update={
                 "harness_path": store.write_harness(version_id, new),
@@ -181,11 +220,75 @@ class HarnessLever:
                     "proposal": proposal.model_dump(mode="json"),
                     "knobs": proposal.assignments,
                     "why": proposal.why,
-                    "diff": diff,
+                    "diff": _diff(source, new, parent.harness_path, f"harness/{version_id}.py"),
                 },
             }
         )
         return self._validated(ctx, version)
+
+    def _written(
+        self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str,
+        writer: HarnessWriter,
+    ) -> Version:  # fmt: skip
+        from sialoop.agents.edits import EditError
+        from sialoop.agents.llm import LLMUnavailable
+
+        request = edit_request(ctx, parent, decision)
+        attempts: list[dict[str, Any]] = []
+        error = ""
+        for n, purpose in enumerate(("edit", "repair"), 1):
+            attempt_id = f"{version_id}.llm{n}"
+            try:
+                if purpose == "edit":
+                    new, why = writer.edit(request)
+                else:
+                    new, why = writer.repair(request, error)
+            except EditError as err:
+                error = f"the edit does not apply: {err}"
+                attempts.append({"purpose": purpose, "error": error})
+                continue
+            except LLMUnavailable as err:
+                attempts.append({"purpose": purpose, "error": str(err), "unavailable": True})
+                break
+            new = ctx.task.adapt_harness(new)
+            diff = _diff(request.source, new, parent.harness_path, f"harness/{version_id}.py")
+            llm = {"agent": writer.label, "purpose": purpose, "attempts": attempts}
+            candidate = self._validated(
+                ctx,
+                _base(parent, decision, attempt_id).model_copy(
+                    update={
+                        "harness_path": ctx.store.write_harness(attempt_id, new),
+                        "note": why,
+                        "detail": {"why": why, "diff": diff, "llm": llm},
+                    }
+                ),
+            )
+            if candidate.status != "broken":
+                return candidate.model_copy(
+                    update={
+                        "version_id": version_id,
+                        "harness_path": ctx.store.write_harness(version_id, new),
+                    }
+                )
+            ctx.store.put_version(candidate)  # archived with its error
+            error = str(candidate.detail.get("error", ""))
+            attempts.append({"purpose": purpose, "error": error, "version_id": attempt_id})
+        fallback = self._knobs(ctx, parent, decision, version_id, writer.fallback)
+        reason = attempts[-1]["error"] if attempts else "no attempt"
+        return fallback.model_copy(
+            update={
+                "note": f"offline Meta-Agent (the LLM's edit failed): {fallback.note}"[:300],
+                "detail": {
+                    **fallback.detail,
+                    "llm": {
+                        "agent": writer.label,
+                        "attempts": attempts,
+                        "fallback": "offline",
+                        "reason": reason[:1500],
+                    },
+                },
+            }
+        )
 
     def _validated(self, ctx: LoopContext, version: Version) -> Version:
         try:

@@ -154,7 +154,7 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
         samples=cfg.loop.samples,
     )
     past = history(ctx.store, ctx.task)
-    agent = feedback_agent(cfg)  # an unknown agent is the user's config error: the run stops
+    agent = feedback_agent(cfg, ctx.store)  # an unknown agent is a config error: the run stops
 
     def ask(call: Callable[[], Decision | None]) -> Decision | None:
         """The agent's answer; its failure is this generation's Decision and broken candidate

@@ -286,6 +286,14 @@ def check_plugins(cfg: RunConfig) -> None:
     meta_agent(cfg)
 
 
+def check_agents(cfg: RunConfig) -> list[str]:
+    """Each LLM agent's key variable is set and its URL answers; one line each."""
+    from sialoop.agents.llm import check_endpoint
+    from sialoop.agents.registry import agent_endpoints
+
+    return [f"{e.role}: {check_endpoint(e)}" for e in agent_endpoints(cfg)]
+
+
 def check_isolation(cfg: RunConfig) -> None:
     """`sandbox.isolation = "namespaces"` where bubblewrap cannot run is refused before work."""
     from sialoop.harness.isolation import resolve_isolation
@@ -299,6 +307,7 @@ def check_run(cfg: RunConfig, run_id: str | None = None) -> Task:
     check_runs_dir(cfg.runs_dir)
     check_harness(cfg.harness)
     check_plugins(cfg)
+    check_agents(cfg)
     check_isolation(cfg)
     task = load_checked_task(cfg)
     check_policy(cfg)

@@ -43,6 +43,29 @@ class LLMCall(Record):
     created_at: float = Field(default_factory=time.time)
 
 
+class AgentCall(Record):
+    """One request of an LLM agent (Meta-Agent or Feedback-Agent), stored like a policy call:
+    what was sent, what came back, its tokens, cost and seconds. A request that failed after its
+    retries keeps its error and an empty response."""
+
+    call_id: str = Field(default_factory=lambda: new_id("agent"))
+    role: str  # "meta" | "feedback"
+    purpose: str  # "edit", "repair", "decide", "retry"
+    generation: int | None = None
+    provider: str
+    model: str
+    system: str
+    messages: list[dict[str, Any]]
+    response: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None  # None: the config names no price
+    seconds: float
+    attempts: int = 1  # requests sent, retries included
+    error: str | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
 class ErrorKind(StrEnum):
     """Where and how a rollout failed (a failed rollout is data, not a crash)."""
 

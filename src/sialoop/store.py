@@ -1,7 +1,7 @@
 """The run directory: a SQLite index (WAL) plus artifact files.
 
 Layout of `runs/<run_id>/`:
-    run.db          runs, versions, trajectories, llm_calls, evaluations, decisions
+    run.db          runs, versions, trajectories, llm_calls, agent_calls, evaluations, decisions
     harness/        one file per harness version (`<version_id>.py`)
     adapters/       one peft adapter folder per weights version
     public/         the task's public files, the only task data a harness can read
@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from sialoop.errors import StoreError
 from sialoop.records import (
     SCHEMA_VERSION,
+    AgentCall,
     Decision,
     Evaluation,
     LLMCall,
@@ -56,6 +57,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     created_at REAL NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
     decision_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agent_calls (
+    call_id TEXT PRIMARY KEY, role TEXT NOT NULL, record TEXT NOT NULL);
 """
 
 
@@ -90,6 +93,7 @@ class Store:
             raise StoreError(f"no run at {root}: pass a run directory made by `sialoop run`")
         store = cls(root)
         store._check_schema()
+        store._connection().executescript(_SCHEMA)  # tables added since the run was made
         return store
 
     def _check_schema(self) -> None:
@@ -276,6 +280,19 @@ class Store:
                 "SELECT record FROM llm_calls WHERE episode_id = ? ORDER BY rowid", [episode_id]
             )
         return [LLMCall.model_validate_json(r) for r in rows]
+
+    def add_agent_call(self, call: AgentCall) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO agent_calls VALUES (?, ?, ?)",
+                (call.call_id, call.role, call.model_dump_json()),
+            )
+
+    def agent_calls(self, role: str | None = None) -> list[AgentCall]:
+        sql, args = "SELECT record FROM agent_calls", []
+        if role is not None:
+            sql, args = sql + " WHERE role = ?", [role]
+        return [AgentCall.model_validate_json(r) for r in self._rows(sql + " ORDER BY rowid", args)]
 
     # -- evaluations and decisions -------------------------------------------------------
     def add_evaluation(self, evaluation: Evaluation) -> None:

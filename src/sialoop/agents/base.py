@@ -5,7 +5,7 @@ Protocols and are chosen by name from config (`agents/registry.py`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -112,4 +112,68 @@ class MetaAgent(Protocol):
 
     def write(self, source: str, proposal: Proposal) -> str:
         """The new harness source."""
+        ...
+
+
+class TrajectoryView(Record):
+    """One trajectory as an LLM agent reads it: everything trimmed to a few hundred characters,
+    its policy calls cut to their ends. Train inputs only; never a label."""
+
+    instance_id: str
+    split: str
+    sample: int = 0
+    inputs: str = ""
+    output: str = ""
+    score: float | None = None
+    correct: bool | None = None
+    error: str | None = None
+    logs: str = ""
+    calls: tuple[dict[str, str], ...] = ()
+    seconds: float = 0.0
+    tokens: int | None = None
+
+
+class PastEdit(Record):
+    """One candidate the run made, as the Meta-Agent is shown it so as not to repeat it."""
+
+    version_id: str
+    parent_id: str | None
+    lever: str
+    status: str
+    val: float | None
+    note: str
+    diff: str = ""
+    error: str | None = None
+
+
+class EditRequest(Record):
+    """What an LLM Meta-Agent receives to rewrite the incumbent harness."""
+
+    generation: int
+    task_spec: str
+    metric: Metric
+    parent_id: str
+    parent_val: float | None
+    source: str
+    decision: Decision
+    trajectories: tuple[TrajectoryView, ...] = ()
+    n_trajectories: int = 0  # before the cap
+    edits: tuple[PastEdit, ...] = ()
+
+
+@runtime_checkable
+class HarnessWriter(Protocol):
+    """A Meta-Agent that writes harness code (an LLM) rather than knob settings. The lever
+    validates what it writes; `repair` gets the error once; then `fallback` makes the
+    generation's candidate."""
+
+    fallback: MetaAgent
+    label: str
+
+    def edit(self, request: EditRequest) -> tuple[str, str]:
+        """(new source, why). Raises EditError or LLMUnavailable."""
+        ...
+
+    def repair(self, request: EditRequest, error: str) -> tuple[str, str]:
+        """The previous edit's error goes back to the model: (new source, why)."""
         ...
