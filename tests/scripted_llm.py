@@ -1,7 +1,8 @@
 """A scripted LLM provider on loopback (FastAPI + uvicorn in a thread) speaking both the OpenAI
 chat-completions API and Anthropic's Messages API, for the LLM agents' tests.
 
-Each agent role (told apart by its system prompt) has a queue of scripted steps; a step is a
+Each role (the Meta-Agent and the Feedback-Agent, told apart by their system prompts; any
+other request is the policy's, as an external policy sees a harness's calls) has a queue of scripted steps; a step is a
 reply text, a function of the request body returning one, an HTTP error status (with headers),
 or a hang of some seconds. An empty queue answers with the role's `default` function. Every
 request is kept in `server.requests` (role, path, headers, body).
@@ -54,7 +55,10 @@ def _role(body: dict[str, Any]) -> str:
         (m["content"] for m in body.get("messages", []) if m.get("role") == "system"), ""
     )
     text = system if isinstance(system, str) else str(system)
-    return "meta" if text.startswith("You are the Meta-Agent") else "feedback"
+    for role, opening in (("meta", "You are the Meta-Agent"), ("feedback", "You are the Feedback")):
+        if text.startswith(opening):
+            return role
+    return "policy"  # a harness's own request, through an external policy
 
 
 def _app(server: ScriptedLLM) -> FastAPI:

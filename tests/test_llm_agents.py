@@ -351,9 +351,54 @@ def test_llm_agents_run_a_program_task_and_every_failure_ends_as_specified(sortc
     val = {e.version_id: e.value for e in store.evaluations("val")}
     assert v1.status == "accepted" and val["v1"] < val["v0"], (val, v1.detail.get("gate"))
 
+    # the report says what each agent spent and where the offline agent stood in for it
+    shown = runner.invoke(app, ["report", str(store.root)]).output
+    assert "meta agent anthropic claude-sonnet-4-5: 3 calls" in " ".join(shown.split()), shown
+    assert "offline in its place at generations: 2" in " ".join(shown.split())
+
     # the key reached the provider and nothing else
     assert all(KEY in (r["headers"].get("x-api-key", "") + r["headers"].get("authorization", ""))
                for r in requests)  # fmt: skip
+    for path in store.root.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+# -- an external policy: any OpenAI-compatible URL, inference only ------------------------------
+
+
+def test_an_external_policy_serves_a_chat_harness_and_the_weights_lever_is_off(tmp_path):
+    template = Path(__file__).resolve().parents[1] / "src/sialoop/tasks/toy/templates/chat.py"
+    with scripted_llm() as server, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLICY_KEY", KEY)
+        server.defaults = {"policy": "Red."}
+        args = [
+            "run", "--task", "toy", "--runs-dir", str(tmp_path), "--run-id", "r",
+            "--set", "policy.backend=external", "--set", f"policy.url='{server.url}/v1'",
+            "--set", "policy.key_env=POLICY_KEY", "--set", f"harness='{template}'",
+            "--set", "loop.generations=1", "--set", "split.val_size=8",
+            "--set", "split.test_size=4", "--set", "loop.train_batch=4",
+        ]  # fmt: skip
+        result = runner.invoke(app, args)
+        requests = list(server.requests)
+        at = next(i for i, a in enumerate(args) if a.startswith("policy.url"))
+        no_url = runner.invoke(app, [*args[: at - 1], *args[at + 1 :], "--run-id", "r2"])
+    assert result.exit_code == 0, result.output
+    assert no_url.exit_code != 0 and "needs policy.url" in no_url.output
+    store = Store.open(tmp_path / "r")
+    assert store.run_info().status == "finished" and store.evaluations("test")
+    policy = [r for r in requests if r["role"] == "policy"]
+    assert policy and all(r["body"]["model"] == "scripted-model" for r in policy)  # "auto"
+    assert all(r["headers"]["authorization"] == f"Bearer {KEY}" for r in policy)
+    # every harness call recorded under its episode, with the upstream's token count
+    calls = store.llm_calls()
+    assert len(calls) == len(policy) and all(c.episode_id and c.tokens for c in calls)
+    assert all(c.completion == "Red." for c in calls)
+    trajectories = store.trajectories("v0", "val")
+    assert trajectories and all(t.tokens and t.output == {"label": "red"} for t in trajectories)
+    # the Feedback-Agent was told the weights lever is unavailable, and never pulled it
+    (d1,) = [d for d in store.decisions() if d.generation == 1]
+    assert d1.lever is not Lever.weights and "external URL" in d1.rationale, d1.rationale
     for path in store.root.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path

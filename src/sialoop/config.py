@@ -21,7 +21,13 @@ class _Section(BaseModel):
 
 
 class PolicyConfig(_Section):
-    backend: str = "hf"  # the policy backend (policy/launch.py BACKENDS): transformers + peft
+    # the policy backend (policy/launch.py BACKENDS): "hf" (transformers + peft), or "external":
+    # any OpenAI-compatible URL, inference only (the weights lever is then unavailable)
+    backend: str = "hf"
+    url: str | None = None  # external: the base URL, e.g. http://127.0.0.1:8000/v1
+    served_model: str = "auto"  # external: the model to ask for; "auto": the first listed
+    key_env: str | None = None  # external: the variable holding its key (None: no key)
+    timeout_s: float = Field(default=300.0, gt=0)  # external: per forwarded request
     model: str = "embedded"  # "embedded" (Gemma 3 270M base) or a local HF model directory
     # "auto": bfloat16 where the hardware computes it natively, else float32 (policy/dtype.py)
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"

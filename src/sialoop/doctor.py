@@ -141,7 +141,13 @@ def _task_check(cfg: RunConfig) -> tuple[Check, Task | None]:
 
 
 def _model_checks(cfg: RunConfig) -> list[Check]:
+    from sialoop.policy.launch import trainable
     from sialoop.preflight import check_model, check_target_modules
+
+    if not trainable(cfg.policy):
+        from sialoop.policy.external import check_upstream
+
+        return [_attempt("policy", lambda: check_upstream(cfg.policy) + " (inference only)")]
 
     try:
         path = check_model(cfg.policy.model)

@@ -32,7 +32,8 @@ from sialoop.gate import GateSettings, gate
 from sialoop.harness.knobs import Declarations, KnobError, read_declarations
 from sialoop.harness.program import HarnessInvalid, validate_harness
 from sialoop.levers import LoopContext, broken, make_candidate
-from sialoop.policy.launch import serve_policy
+from sialoop.policy.external import WEIGHTS_OFF
+from sialoop.policy.launch import serve_policy, trainable
 from sialoop.preflight import finished_note
 from sialoop.progress import phase_bar, spinner
 from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
@@ -147,11 +148,13 @@ def _decide(ctx: LoopContext, g: int, incumbent: Version, budget: Budget) -> Dec
     if stored:
         return stored[-1]
     cfg, run_id = ctx.cfg, incumbent.run_id
+    off = {} if trainable(cfg.policy) else {"weights": WEIGHTS_OFF}
     context = FeedbackContext(
         metric=ctx.task.metric,
         declarations=_declarations(ctx.store, incumbent),
-        levers=tuple(cfg.loop.levers),
+        levers=tuple(lever for lever in cfg.loop.levers if lever not in off),
         samples=cfg.loop.samples,
+        unavailable=off,
     )
     past = history(ctx.store, ctx.task)
     agent = feedback_agent(cfg, ctx.store)  # an unknown agent is a config error: the run stops

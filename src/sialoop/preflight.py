@@ -261,7 +261,15 @@ def load_checked_task(cfg: RunConfig) -> Task:
 
 
 def check_policy(cfg: RunConfig) -> None:
-    """The model folder, and the LoRA targets when the weights lever may fire."""
+    """The model folder, and the LoRA targets when the weights lever may fire; for an external
+    policy, its URL and key."""
+    from sialoop.policy.launch import trainable
+
+    if not trainable(cfg.policy):
+        from sialoop.policy.external import check_upstream
+
+        check_upstream(cfg.policy)
+        return
     path = check_model(cfg.policy.model)
     if path is not None and "weights" in cfg.loop.levers:
         check_target_modules(cfg.train.target_modules, path)
@@ -275,7 +283,7 @@ def check_plugins(cfg: RunConfig) -> None:
     from sialoop.policy.launch import BACKENDS
 
     for key, name, known in [
-        ("policy.backend", cfg.policy.backend, BACKENDS),
+        ("policy.backend", cfg.policy.backend, [*BACKENDS, "external"]),
         ("sandbox.runtime", cfg.sandbox.runtime, RUNTIMES),
     ]:
         if name not in known:

@@ -40,6 +40,7 @@ class LLMCall(Record):
     token_logprobs: list[float | None] | None = None  # per returned token (echoed prompt first)
     params: dict[str, Any] = Field(default_factory=dict)  # sampling parameters as sent
     latency_s: float
+    tokens: int | None = None  # an external policy's count, where its token ids are unknown
     created_at: float = Field(default_factory=time.time)
 
 

@@ -246,7 +246,39 @@ def report_data(store: Store) -> dict[str, Any]:
             for d in decisions
         ],
         "config": info.config,
+        "agents": _agents(store, decisions, version_list),
     }
+
+
+def _agents(
+    store: Store, decisions: list[Decision], versions: list[Version]
+) -> list[dict[str, Any]]:
+    """Per LLM agent: its calls, tokens, cost, failed requests, and the generations the
+    offline agent made in its place."""
+    out = []
+    calls = store.agent_calls()
+    fallbacks = {
+        "feedback": [d.generation for d in decisions if d.evidence.get("llm_error") is not None],
+        "meta": [v.generation for v in versions if (v.detail.get("llm") or {}).get("fallback")],
+    }
+    for role in ("meta", "feedback"):
+        mine = [c for c in calls if c.role == role]
+        if not mine:
+            continue
+        costs = [c.cost_usd for c in mine if c.cost_usd is not None]
+        out.append(
+            {
+                "role": role,
+                "model": f"{mine[-1].provider} {mine[-1].model}",
+                "calls": len(mine),
+                "failed": sum(c.error is not None for c in mine),
+                "tokens": sum((c.prompt_tokens or 0) + (c.completion_tokens or 0) for c in mine),
+                "usd": sum(costs) if costs else None,
+                "seconds": sum(c.seconds for c in mine),
+                "offline_generations": fallbacks[role],
+            }
+        )
+    return out
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -361,6 +393,14 @@ def _footer(data: dict[str, Any], metric: dict[str, Any] | None) -> list[str]:
     for d in data["decisions"]:
         if d["lever"] == "stop":
             notes.append(f"gen {d['generation']}: stop — {escape(first_line(d['rationale']))}")
+    for a in data.get("agents", []):
+        usd = "" if a["usd"] is None else f", ${a['usd']:.2f}"
+        offline = ", ".join(str(g) for g in a["offline_generations"]) or "none"
+        notes.append(
+            f"{a['role']} agent {escape(a['model'])}: {a['calls']} calls ({a['failed']} failed), "
+            f"{a['tokens']} tokens{usd}, {duration(a['seconds'])}; offline in its place at "
+            f"generations: {offline}"
+        )
     if data["errors"]:
         notes.append(f"errors by kind (of {data['trajectories']} trajectories):")
         for k in data["errors"]:

@@ -264,7 +264,8 @@ class Store:
             self._connection()
             .execute(
                 "SELECT count(*), sum(json_array_length(record, '$.prompt_token_ids') + "
-                "json_array_length(record, '$.completion_token_ids')) FROM llm_calls "
+                "json_array_length(record, '$.completion_token_ids') + "
+                "coalesce(json_extract(record, '$.tokens'), 0)) FROM llm_calls "
                 "WHERE episode_id = ?",
                 (episode_id,),
             )

@@ -47,6 +47,7 @@ class FeedbackContext(Record):
     declarations: Declarations = Declarations()
     levers: tuple[str, ...] = ("harness", "weights")
     samples: int = 1
+    unavailable: dict[str, str] = Field(default_factory=dict)  # lever -> why this run lacks it
 
 
 class FeedbackAgent(Protocol):

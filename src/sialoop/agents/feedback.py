@@ -297,7 +297,8 @@ class OfflineFeedbackAgent:
         proposals.sort(key=lambda p: self._key(p, ev, budget, minutes))
         best = proposals[0]
         if len(proposals) == 1:
-            return best, "only_feasible", self._why_alone(best, ev, budget, minutes)
+            why = self._why_alone(best, ev, budget, minutes, context.unavailable)
+            return best, "only_feasible", why
         other = proposals[1]
         bk, ok = self._key(best, ev, budget, minutes), self._key(other, ev, budget, minutes)
         at = next(i for i, (b, o) in enumerate(zip(bk, ok, strict=True)) if b != o)
@@ -309,10 +310,12 @@ class OfflineFeedbackAgent:
         ev: Evidence,
         budget: Budget,
         minutes: dict[Lever, float],
+        context_off: dict[str, str],
     ) -> str:
         other = Lever.weights if best.lever is Lever.harness else Lever.harness
         if other not in minutes:
-            return f"The {other} lever is off for this run."
+            why = context_off.get(other.value)
+            return f"The {other} lever is off for this run" + (f": {why}." if why else ".")
         if other is Lever.weights and _policy_unused(ev):
             return f"The weights lever is left out: {_POLICY_UNUSED}"
         return (

@@ -125,7 +125,9 @@ class LLMFeedbackAgent:
         out = {}
         tokens = base.evidence.get("tokens_per_item")
         for name in ("harness", "weights"):
-            if name not in context.levers:
+            if name in context.unavailable:
+                out[name] = f"off: {context.unavailable[name]}"
+            elif name not in context.levers:
                 out[name] = "off: this run does not enable it"
             elif name == "weights" and tokens == 0:
                 out[name] = "off: the harness made no policy call (0 tokens per item)"

@@ -91,6 +91,12 @@ def _hf_backend(cfg: PolicyConfig) -> PolicyBackend:
 
 # Backends by name (`policy.backend`); each builds a `PolicyBackend` from the config.
 BACKENDS: dict[str, Callable[[PolicyConfig], PolicyBackend]] = {"hf": _hf_backend}
+EXTERNAL = "external"  # any OpenAI-compatible URL, inference only (policy/external.py)
+
+
+def trainable(cfg: PolicyConfig) -> bool:
+    """Whether the policy can take a trained adapter (the weights lever)."""
+    return cfg.backend != EXTERNAL
 
 
 def policy_backend(cfg: PolicyConfig) -> PolicyBackend:
@@ -121,6 +127,15 @@ def serve_policy(
     from sialoop.policy.compute import run_compute
     from sialoop.policy.server import PolicyServer
 
+    if cfg.backend == EXTERNAL:
+        from functools import partial
+
+        from sialoop.policy.external import create_proxy_app, upstream_for
+
+        proxy = partial(create_proxy_app, upstream_for(cfg))
+        with PolicyServer(None, recorder, make_app=proxy) as server:
+            yield server.url
+        return
     backend = run_compute(_loaded_backend, cfg, adapters or {})
     with PolicyServer(backend, recorder) as server:
         yield server.url

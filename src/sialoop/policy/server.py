@@ -46,7 +46,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -337,17 +337,26 @@ class PolicyServer:
 
     def __init__(
         self,
-        backend: PolicyBackend,
+        backend: PolicyBackend | None,
         recorder: Recorder,
         host: str = "127.0.0.1",
         port: int = 0,
         wait_s: float = 0.02,
+        *,
+        make_app: Callable[..., FastAPI] | None = None,
     ) -> None:
+        """`make_app(recorder, admin_token=..., episodes=...)` serves another app than the
+        local backend's (an external policy's proxy); `backend` is then None."""
         self.admin_token = secrets.token_urlsafe(32)
         self.episodes = EpisodeGate()
-        self.app = create_app(
-            backend, recorder, wait_s=wait_s, admin_token=self.admin_token, episodes=self.episodes
-        )
+        if make_app is not None:
+            self.app = make_app(recorder, admin_token=self.admin_token, episodes=self.episodes)
+        else:
+            assert backend is not None
+            self.app = create_app(
+                backend, recorder, wait_s=wait_s, admin_token=self.admin_token,
+                episodes=self.episodes,
+            )  # fmt: skip
         self.host, self.port = host, port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
