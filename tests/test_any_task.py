@@ -1,8 +1,10 @@
-"""One real 3-generation loop per kind of task, each asserting many things at once: an answer
-task (toy), a free-form numeric task (arith), a lower-is-better program task scored in an
-isolated worker (sortcost), and a user task loaded from a file. Generation 2 is scripted to pull
-the weights lever with a trainer that fails (no completion fits its max_len, or there is no
-example to learn from), which must become a broken candidate while the run goes on."""
+"""One real 3-generation loop per kind of task, each asserting many things at once: a
+free-form numeric task (arith), a lower-is-better program task scored in an isolated worker
+(sortcost), an answer task loaded from a user's file (capitals) and SIA-layout folders. The
+built-in toy loop runs here in the slow suite; the fast suite's toy loop is the honesty test's
+(with the LLM agents). Generation 2 is scripted to pull the weights lever with a trainer that
+fails (no completion fits its max_len, or there is no example to learn from), which must become
+a broken candidate while the run goes on."""
 
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def _args(tmp: Path, model: Path, run_id: str, task: str, *extra: str) -> list[s
 # A folder without training data runs the loop in the slow suite; its task-level behaviour
 # (val/test halves, labels private) is in the fast one (tests/test_folder_task.py).
 KINDS = [
-    "toy", "arith", "sortcost", "capitals", "folder",
+    "arith", "sortcost", "capitals", "folder",
+    pytest.param("toy", marks=pytest.mark.slow),  # the fast suite's toy loop: test_honesty.py
     pytest.param("folder-untrained", marks=pytest.mark.slow),
 ]  # fmt: skip
 

@@ -314,8 +314,13 @@ def test_run_files_round_trip_and_explain_the_directory(tmp_path: Path):
     config = RunConfig().model_dump(mode="json") | {"note": 'a "quoted"\nline', "x.y": 1.5e-05}
     write_run_files(root, config, "Task toy: pick the colour a text names.")
     back = tomllib.loads((root / "config.toml").read_text())
-    assert back == {k: v for k, v in config.items() if v is not None}
-    assert back["policy"] == config["policy"] and "task" not in back and back["x.y"] == 1.5e-05
+
+    def kept(tree: dict) -> dict:  # TOML has no None: such keys are left out, at any depth
+        return {k: kept(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
+
+    assert back == kept(config)
+    assert back["policy"] == kept(config["policy"]) and "url" not in back["policy"]
+    assert "task" not in back and back["x.y"] == 1.5e-05
     resolved = RunConfig().model_dump(mode="json") | {"task": "toy"}
     write_run_files(root, resolved, "Task toy.")
     assert load_config(root / "config.toml", {}).model_dump(mode="json") == resolved
@@ -327,7 +332,8 @@ def test_run_files_round_trip_and_explain_the_directory(tmp_path: Path):
         for entry in root.iterdir():
             name = entry.name + ("/" if entry.is_dir() else "")
             assert f"`{name}`" in readme or entry.name.startswith("run.db-"), entry.name
-    for table in ("runs", "versions", "trajectories", "llm_calls", "evaluations", "decisions"):
+    tables = ("runs", "versions", "trajectories", "llm_calls", "agent_calls", "evaluations")
+    for table in (*tables, "decisions"):
         assert f"`{table}`" in readme
     assert "Task toy: pick the colour" in readme
 

@@ -334,6 +334,7 @@ def test_a_two_generation_loop_runs_and_archives(
         "--run-id", "t", "--set", f"policy.model='{tiny_model_dir}'",
         "--set", "policy.dtype='float32'", "--set", "loop.generations=2",
         "--set", "loop.levers=['harness']", "--set", "train.max_steps=2",
+        "--set", "loop.train_batch=4",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     store = Store.open(tmp_path / "t")

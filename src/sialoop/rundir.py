@@ -105,6 +105,7 @@ TABLES = {
     "rejected, broken with its error) and detail (operator or training summary, the gate)",
     "trajectories": "one harness run on one item: output, score, error, logs, seconds, tokens",
     "llm_calls": "every request the policy endpoint served, by episode (= trajectory id)",
+    "agent_calls": "every request of an LLM Meta-Agent or Feedback-Agent: prompt, reply, cost",
     "evaluations": "a version's score on a split (train, val, holdout, test), with n, errors, cost",
     "decisions": "the Feedback-Agent's choice per generation: lever, method, rationale, evidence",
 }
