@@ -1,4 +1,4 @@
-"""The Trainer: datasets from a real store, SFT and GRPO on the tiny random Gemma 3 (float32),
+"""The Trainer: datasets from a real store, SFT, GRPO and DPO on the tiny random Gemma 3 (float32),
 adapters loaded by peft and by the policy backend, and resume after SIGKILL."""
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from sialoop.train import (
     TrainError,
     TrainExample,
     TrainSettings,
+    dpo_pairs,
     engine,
     grpo_groups,
     method,
     sft_examples,
 )
-from sialoop.train.data import option_set
+from sialoop.train.data import _ranked_wrong, option_set
+from sialoop.train.dpo import DPO
 from sialoop.train.grpo import GRPO, advantages
 from sialoop.train.sft import SFT
 
@@ -384,3 +386,60 @@ def test_grpo_refuses_groups_without_variance(model_dir: Path, tmp_path: Path):
     assert not (tmp_path / "none").exists()
     with pytest.raises(TrainError, match="reward and a group"):
         GRPO().train(model_dir, TOY, tmp_path / "none", FAST, LORA)
+
+
+# ---- DPO --------------------------------------------------------------------------------------
+
+
+def test_dpo_pairs_take_gold_over_the_strongest_wrong_answer(toy_store):
+    store, task, prefixes = toy_store
+    examples = dpo_pairs(store, task, "v0")
+    train = task.instances("train")[:3]
+    assert len(examples) == 6 and [e.reward for e in examples] == [1.0, 0.0] * 3
+    for k, inst in enumerate(train):
+        chosen, rejected = examples[2 * k : 2 * k + 2]
+        gold = task.label(inst)
+        assert chosen.group == rejected.group and chosen.prompt == rejected.prompt == prefixes[k]
+        assert chosen.completion == gold + "\n" and rejected.completion != chosen.completion
+        output = store.trajectories("v0", "train")[k].output
+        if output != gold:  # the harness's own wrong answer is the hard negative
+            assert rejected.completion == output + "\n"
+    # a ranking signal names the strongest wrong candidate first
+    ranked = {"label": "red", "ranked": ["red", "blue", "green"]}
+    assert _ranked_wrong(ranked, ("red", "green", "blue"), "red") == "blue"
+    assert _ranked_wrong("green", ("red", "green", "blue"), "red") == "green"
+    assert _ranked_wrong("red", ("red", "green"), "red") == "green"
+
+
+def test_dpo_raises_chosen_over_rejected_from_the_start_policy(
+    model_dir: Path, backend: HFBackend, tmp_path
+):
+    objects = list(OBJECTS)[::2]
+    examples = [
+        TrainExample(prompt=PROMPTS[o], completion=c, reward=r, group=o)
+        for o in objects
+        for c, r in ((" blue\n", 1.0), (" red\n", 0.0))
+    ] + [TrainExample(prompt=PROMPTS["sky"], completion=" red\n", reward=1.0, group="alone")]
+    settings = FAST.model_copy(update={"max_steps": 12, "lr": 5e-3, "batch_size": 3})
+    summary = DPO().train(model_dir, examples, tmp_path / "dpo", settings, LORA)
+    assert summary.examples == 8 and summary.skipped_groups == 1  # a group of one is no pair
+    # the reference is the policy training starts from: the first loss is exactly log 2
+    assert summary.first_loss == pytest.approx(0.6931, abs=1e-3)
+    assert all(torch.isfinite(torch.tensor(summary.losses)))
+    assert summary.last_loss < summary.first_loss
+
+    backend.add_adapter("dpo1", Path(summary.adapter_dir))
+    pairs = [examples[i : i + 2] for i in range(0, 16, 2)]
+    for pair in pairs:
+        before, after = scored(backend, "base", pair), scored(backend, "dpo1", pair)
+        assert after[0] - after[1] > before[0] - before[1] + 1.0
+
+    # continuing the parent's adapter: the reference is that adapter, not the base model
+    again = DPO().train(
+        model_dir, examples, tmp_path / "dpo2",
+        settings.model_copy(update={"max_steps": 2, "init_adapter": summary.adapter_dir}), LORA,
+    )  # fmt: skip
+    assert again.first_loss == pytest.approx(0.6931, abs=1e-3)
+    with pytest.raises(TrainError, match="no pair"):
+        DPO().train(model_dir, examples[-1:], tmp_path / "none", FAST, LORA)
+    assert method("dpo").name == "dpo"

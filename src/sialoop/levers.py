@@ -326,7 +326,14 @@ class WeightsLever:
     def make(
         self, ctx: LoopContext, parent: Version, decision: Decision, version_id: str
     ) -> Version:
-        from sialoop.train import LoraSettings, TrainSettings, grpo_groups, method, sft_examples
+        from sialoop.train import (
+            LoraSettings,
+            TrainSettings,
+            dpo_pairs,
+            grpo_groups,
+            method,
+            sft_examples,
+        )
 
         cfg, store = ctx.cfg, ctx.store
         attempt = _weights_attempt(store, parent, decision)
@@ -336,7 +343,7 @@ class WeightsLever:
         stored = store.stored_for(parent.version_id, items, k)
         with phase_bar(ctx.console, title, len(items) * k, stored) as bar:
             rollout(ctx.rollout_ctx(parent), items, bar, samples=k)
-        build = grpo_groups if decision.method == "grpo" else sft_examples
+        build = {"grpo": grpo_groups, "dpo": dpo_pairs}.get(decision.method or "", sft_examples)
         examples = build(store, ctx.task, parent.version_id)
         t = cfg.train
         init = (

@@ -31,6 +31,7 @@ from sialoop.train import METHODS
 _METHOD_TEXT = {
     "sft": "sft: supervised fine-tuning on the batch's best-scored completions (or gold)",
     "grpo": "grpo: group-relative policy optimisation on k sampled completions per instance",
+    "dpo": "dpo: preference pairs (gold or the best sample over the strongest wrong answer)",
 }
 
 
@@ -42,6 +43,7 @@ class TrainerOverrides(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, le=10000)
     batch_size: int | None = Field(default=None, ge=1, le=256)
     max_len: int | None = Field(default=None, ge=16, le=32768)
+    beta: float | None = Field(default=None, gt=0, le=10)  # dpo
 
 
 class DecisionReply(BaseModel):

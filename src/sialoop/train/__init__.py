@@ -14,9 +14,9 @@ from sialoop.train.base import (
     TrainSettings,
     TrainSummary,
 )
-from sialoop.train.data import grpo_groups, sft_examples
+from sialoop.train.data import dpo_pairs, grpo_groups, sft_examples
 
-METHODS = ("sft", "grpo")
+METHODS = ("sft", "grpo", "dpo")
 
 __all__ = [
     "METHODS",
@@ -26,6 +26,7 @@ __all__ = [
     "TrainSettings",
     "TrainSummary",
     "TrainerMethod",
+    "dpo_pairs",
     "grpo_groups",
     "method",
     "sft_examples",
@@ -42,4 +43,8 @@ def method(name: str) -> TrainerMethod:
         from sialoop.train.grpo import GRPO
 
         return GRPO()
+    if name == "dpo":
+        from sialoop.train.dpo import DPO
+
+        return DPO()
     raise TrainError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}")

@@ -61,13 +61,14 @@ class TrainSettings(BaseModel):
     group_size: int | None = Field(None, ge=2)
     kl_coef: float = Field(0.04, ge=0)
     temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.1, gt=0)  # DPO: the scale of the chosen-minus-rejected log-ratio
 
 
 class TrainExample(BaseModel):
     """One training text: the model reads `prompt` and learns (or is rewarded for) `completion`.
 
     `reward` and `group` are set for GRPO (examples with the same `group` are compared with each
-    other) and unused by SFT.
+    other) and DPO (a group is one pair: the higher reward is chosen), and unused by SFT.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -1,4 +1,5 @@
-"""Training sets built from the run store, never from rollout code: stored trajectories, the
+"""Training sets built from the run store, never from rollout code (`sft_examples`,
+`grpo_groups`, `dpo_pairs`, one data path for every method): stored trajectories, the
 LLM calls the policy endpoint recorded for them, and the task's train labels.
 
 Gold labels come only from the train split: `sft_examples` refuses any other split, `grpo_groups`
@@ -228,4 +229,73 @@ def grpo_groups(store: Store, task: Task, version_id: str) -> list[TrainExample]
                 skipped["no recoverable option scoring"] += not group_
                 out += group_
     log.info("grpo_groups(%s): %d examples; skipped %s", version_id, len(out), dict(skipped))
+    return out
+
+
+def _ranked_wrong(output: Any, options: tuple[str, ...], gold: str) -> str | None:
+    """The harness's strongest wrong candidate: the first non-gold entry of its `ranked` signal
+    (the options in its own order), else its answer when wrong, else the first other option."""
+    ranked = output.get("ranked") if isinstance(output, dict) else None
+    if isinstance(ranked, list):
+        for option in ranked:
+            if isinstance(option, str) and option != gold and option in options:
+                return option
+    answer = answer_text(output)
+    if answer is not None and answer != gold and answer in options:
+        return answer
+    return next((o for o in options if o != gold), None)
+
+
+def dpo_pairs(store: Store, task: Task, version_id: str) -> list[TrainExample]:
+    """DPO pairs from the train trajectories of `version_id`, two examples per pair sharing
+    `group` (reward 1.0: chosen, 0.0: rejected), chosen first.
+
+    - An instance with several samples: its best-scored sample is chosen, its worst rejected,
+      when their scores differ (each as in `grpo_groups`).
+    - An instance with one option-scoring trajectory: gold + suffix is chosen and the harness's
+      strongest wrong candidate (a hard negative, `_ranked_wrong`) rejected.
+    """
+    instances, skipped = _instances(task), Counter()
+    by_instance: dict[str, list[Trajectory]] = {}
+    for traj in _usable(store.trajectories(version_id, "train")):
+        by_instance.setdefault(traj.instance_id, []).append(traj)
+    out: list[TrainExample] = []
+    for instance_id, trajectories in by_instance.items():
+        instance = instances.get(instance_id)
+        gold = answer_text(task.label(instance)) if instance else None
+        if gold is None:
+            skipped["no string label"] += 1
+            continue
+        group = f"{version_id}/{instance_id}"
+        if len({t.sample for t in trajectories}) > 1:
+            members = [
+                m
+                for t in trajectories
+                if (m := _sample_member(t, store.llm_calls(t.trajectory_id), gold, group))
+            ]
+            members.sort(key=lambda m: -(m.reward or 0.0))
+            if len(members) < 2 or members[0].reward == members[-1].reward:
+                skipped["samples without a score gap"] += 1
+                continue
+            best, worst = members[0], members[-1]
+            out += [
+                best.model_copy(update={"reward": 1.0}),
+                worst.model_copy(update={"reward": 0.0}),
+            ]
+            continue
+        traj = trajectories[0]
+        found = decisive_set(store.llm_calls(traj.trajectory_id), answer_text(traj.output), gold)
+        wrong = _ranked_wrong(traj.output, found.options, gold) if found else None
+        if found is None or wrong is None:
+            skipped["no recoverable option scoring"] += 1
+            continue
+        out += [
+            TrainExample(
+                prompt=found.prefix, completion=gold + found.suffix, reward=1.0, group=group
+            ),
+            TrainExample(
+                prompt=found.prefix, completion=wrong + found.suffix, reward=0.0, group=group
+            ),
+        ]
+    log.info("dpo_pairs(%s): %d pairs; skipped %s", version_id, len(out) // 2, dict(skipped))
     return out
