@@ -395,6 +395,25 @@ def test_k_samples_with_variance_lead_to_grpo_in_the_fallback_too():
     assert flat.method == "sft"
 
 
+def test_dpo_follows_an_sft_that_did_not_pay_when_wrong_answers_are_valid():
+    sft_lost = [outcome(Lever.weights, False, -0.01, method="sft")]
+    d = decide(pattern_batch(), history=sft_lost)
+    assert d.lever is Lever.weights and d.method == "dpo"
+    assert "SFT's 1 attempts on this run gained -0.01" in d.rationale and "67%" in d.rationale
+    TrainSettings.model_validate(d.settings)
+    # SFT that paid stays SFT; DPO that did no better than SFT hands back to SFT
+    assert (
+        decide(pattern_batch(), history=[outcome(Lever.weights, True, 0.02, method="sft")]).method
+        == "sft"
+    )
+    both = [*sft_lost, outcome(Lever.weights, False, -0.03, method="dpo")]
+    patient = OfflineFeedbackSettings(lever_patience=5)
+    assert decide(pattern_batch(), history=both, settings=patient).method == "sft"
+    # too few valid-but-wrong answers: no hard negatives worth pairing
+    high = OfflineFeedbackSettings(dpo_wrong_share=0.9)
+    assert decide(pattern_batch(), history=sft_lost, settings=high).method == "sft"
+
+
 def test_grpo_that_does_not_fit_the_budget_falls_back_to_sft():
     d = decide(pattern_batch(k=4, vary=True), budget=Budget(minutes_left=30))
     assert d.lever is Lever.weights and d.method == "sft"

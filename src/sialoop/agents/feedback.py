@@ -290,7 +290,7 @@ class OfflineFeedbackAgent:
             if lever is Lever.harness:
                 specific = harness_rule(ev, context, s)
             else:
-                specific = weights_rule(ev, budget, costs, s)
+                specific = weights_rule(ev, budget, costs, s, history)
             proposals.append(specific or fallback(lever, ev, context, history, budget, costs, s))
         if not proposals:  # only weights was left, and the harness never calls the policy
             return _stop("policy_unused", _POLICY_UNUSED), "stop", ""

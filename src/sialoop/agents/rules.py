@@ -69,6 +69,10 @@ class OfflineFeedbackSettings(BaseModel):
     grpo_variance_share: float = Field(default=0.25, gt=0, le=1)
     sft_settings: dict[str, Any] = Field(default_factory=dict)  # passed to the trainer as is
     grpo_settings: dict[str, Any] = Field(default_factory=dict)
+    dpo_settings: dict[str, Any] = Field(default_factory=dict)
+    # DPO once SFT has not paid on this run and this share of the batch answered valid but wrong
+    # (each a hard negative to pair with gold).
+    dpo_wrong_share: float = Field(default=0.2, ge=0, le=1)
     # Choice and stopping.
     explore_untried: bool = True
     # An untried lever is explored only while one attempt of it costs at most this share of the
@@ -258,7 +262,11 @@ def _near_misses(ev: Evidence, s: OfflineFeedbackSettings) -> RankHistogram | No
 
 
 def weights_rule(
-    ev: Evidence, budget: Budget, costs: dict[str, float], s: OfflineFeedbackSettings
+    ev: Evidence,
+    budget: Budget,
+    costs: dict[str, float],
+    s: OfflineFeedbackSettings,
+    history: History | None = None,
 ) -> LeverProposal | None:
     """A learnable pattern among wrong answers: either signal suffices, as both say the policy
     already leans towards a consistent answer that training can shift."""
@@ -283,7 +291,7 @@ def weights_rule(
             f"(threshold {s.confusion_share:.0%})"
         )
         items = max(items, rep * n_wrong)
-    method, method_why, settings = method_for(ev, budget, costs, s)
+    method, method_why, settings = method_for(ev, budget, costs, s, history)
     return LeverProposal(
         lever=Lever.weights,
         rule="learnable_pattern",
@@ -295,27 +303,68 @@ def weights_rule(
     )
 
 
+def _gains(history: History | None) -> dict[str, list[float]]:
+    """The oriented val gains of this run's weights candidates, by method (None: not scored,
+    counted as no gain)."""
+    out: dict[str, list[float]] = {}
+    for o in history.outcomes if history is not None else ():
+        if o.decision.lever is Lever.weights and o.decision.method:
+            out.setdefault(o.decision.method, []).append(o.val_gain or 0.0)
+    return out
+
+
+def _sft_or_dpo(
+    ev: Evidence, s: OfflineFeedbackSettings, history: History | None, why_sft: str
+) -> tuple[str, str, dict[str, Any]]:
+    """SFT on gold first; DPO once SFT has not paid on this run and the batch's wrong answers
+    are valid ones (hard negatives); once both ran, the one with the larger best gain."""
+    gains, sft = _gains(history), dict(s.sft_settings)
+    tried = gains.get("sft", [])
+    wrong = ev.wrong_valid_share or 0.0
+    if not tried or max(tried) > 0 or wrong < s.dpo_wrong_share:
+        return "sft", why_sft, sft
+    dpo = gains.get("dpo", [])
+    if dpo and max(dpo) <= max(tried):
+        return (
+            "sft",
+            f"{why_sft} SFT gained {max(tried):+.4g} on val at best, DPO {max(dpo):+.4g}.",
+            sft,
+        )
+    why = (
+        f"DPO: SFT's {len(tried)} attempts on this run gained {max(tried):+.4g} on val at best, "
+        f"and {wrong:.0%} of the batch are valid but wrong answers: each a hard negative to "
+        "pair with gold."
+    )
+    return "dpo", why, dict(s.dpo_settings)
+
+
 def method_for(
-    ev: Evidence, budget: Budget, costs: dict[str, float], s: OfflineFeedbackSettings
+    ev: Evidence,
+    budget: Budget,
+    costs: dict[str, float],
+    s: OfflineFeedbackSettings,
+    history: History | None = None,
 ) -> tuple[str, str, dict[str, Any]]:
     """GRPO when at least `grpo_min_groups` sampled groups exist, `grpo_variance_share` of them
-    vary, and GRPO fits the minutes left; SFT otherwise. Never GRPO without variance."""
-    g, sft = ev.groups, dict(s.sft_settings)
+    vary, and GRPO fits the minutes left; otherwise SFT, or DPO once SFT has not paid on this
+    run (`_sft_or_dpo`). Never GRPO without variance."""
+    g = ev.groups
     share = g.share_with_variance
     if g.n_groups == 0 or share is None:
-        return "sft", "SFT: one sample per instance, so GRPO has no group to compare.", sft
+        why = "SFT: one sample per instance, so GRPO has no group to compare."
+        return _sft_or_dpo(ev, s, history, why)
     if g.n_groups < s.grpo_min_groups or share < s.grpo_variance_share:
         why = (
             f"SFT: {share:.0%} of {g.n_groups} sampled groups have reward variance (GRPO "
             f"needs {s.grpo_variance_share:.0%} of at least {s.grpo_min_groups} groups)."
         )
-        return "sft", why, sft
+        return _sft_or_dpo(ev, s, history, why)
     if costs["grpo"] > budget.minutes_left:
         why = (
             f"SFT: {share:.0%} of sampled groups have reward variance, but GRPO (about "
             f"{costs['grpo']:.0f} min) does not fit the {budget.minutes_left:.0f} min left."
         )
-        return "sft", why, sft
+        return _sft_or_dpo(ev, s, history, why)
     why = (
         f"GRPO: {share:.0%} of {g.n_groups} sampled groups of up to {g.group_size} have "
         f"reward variance (mean {g.mean_variance or 0.0:.3g}), at or above "
@@ -382,7 +431,7 @@ def fallback(
             settings=_harness_settings(focus, None, None),
             focus=focus,
         )
-    method, method_why, settings = method_for(ev, budget, costs, s)
+    method, method_why, settings = method_for(ev, budget, costs, s, history)
     shares = [r.near_miss_share for r in ev.rankings.values() if r.near_miss_share is not None]
     near = max(shares, default=None)
     why = (
