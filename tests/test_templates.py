@@ -36,7 +36,9 @@ def public_cwd(tmp_path: Path):
 _PACKAGE = {
     "lawbench_fewshot.py": ("sialoop.tasks.lawbench", "fewshot.py"),
     "lawbench_zeroshot.py": ("sialoop.tasks.lawbench", "zeroshot.py"),
+    "lawbench_chat.py": ("sialoop.tasks.lawbench", "chat.py"),
     "option_scoring.py": ("sialoop.tasks.toy", "option_scoring.py"),
+    "toy_chat.py": ("sialoop.tasks.toy", "chat.py"),
 }
 
 
@@ -65,7 +67,7 @@ def test_lawbench_prompt_matches_golden(public_cwd: Path, selection: str):
 
 
 def test_templates_validate(public_cwd: Path):
-    for name in ("lawbench_fewshot.py", "lawbench_zeroshot.py", "option_scoring.py"):
+    for name in _PACKAGE:
         path = public_cwd / name
         path.write_text(_source(name))
         validate_harness(path, public_dir=public_cwd / "public")
@@ -93,3 +95,38 @@ def test_zero_shot_matches_the_generated_text_to_a_charge(public_cwd: Path):
     assert closest(" 被告人犯故意伤害罪，") == "故意伤害"  # the name inside a longer text
     assert closest("盗窃财物") == "盗窃"
     assert closest("xyz") in {"盗窃", "故意伤害", "诈骗"}  # always a valid option
+
+
+class _Chat:
+    """A stand-in chat client: records the messages, replies with `reply`."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply, self.sent = reply, []
+        self.chat = self
+        self.completions = self
+
+    def create(self, **kwargs):
+        from types import SimpleNamespace
+
+        self.sent.append(kwargs)
+        message = SimpleNamespace(content=self.reply)
+        return SimpleNamespace(choices=[SimpleNamespace(message=message)])
+
+
+def test_the_chat_templates_ask_for_one_option_and_match_the_reply(public_cwd: Path):
+    lawbench = _load("lawbench_chat.py", public_cwd)
+    text = "被告人某某秘密窃取他人财物。"
+    options = lawbench["shortlist"](text)
+    assert sorted(options) == ["故意伤害", "盗窃", "诈骗"]
+    llm = _Chat("本案被告人构成诈骗罪。")
+    out = lawbench["solve"]({"text": text, "options": options}, llm)
+    assert out["label"] == "诈骗" and out["ranked"][0] == "诈骗" and len(out["ranked"]) == 3
+    sent = llm.sent[0]["messages"]
+    assert sent[0]["role"] == "system" and sent[-1]["content"].startswith("案情：" + text)
+    assert [m["role"] for m in sent[1:-1]] == ["user", "assistant"] * 2  # N_EXAMPLES turns
+    assert lawbench["solve"]({"text": text}, _Chat("不知道"))["label"] == options[0]
+
+    toy = _load("toy_chat.py", public_cwd)
+    assert (
+        toy["solve"]({"text": "x", "options": ["red", "blue"]}, _Chat(" Blue."))["label"] == "blue"
+    )

@@ -427,6 +427,7 @@ def test_dpo_raises_chosen_over_rejected_from_the_start_policy(
     assert summary.first_loss == pytest.approx(0.6931, abs=1e-3)
     assert all(torch.isfinite(torch.tensor(summary.losses)))
     assert summary.last_loss < summary.first_loss
+    assert summary.tokens_per_s and summary.tokens_per_s > 0
 
     backend.add_adapter("dpo1", Path(summary.adapter_dir))
     pairs = [examples[i : i + 2] for i in range(0, 16, 2)]

@@ -372,7 +372,8 @@ class WeightsLever:
         return _base(parent, decision, version_id).model_copy(
             update={
                 "adapter": version_id,
-                "note": f"{summary.method} on {summary.examples} examples, {summary.steps} steps",
+                "note": f"{summary.method} on {summary.examples} examples, {summary.steps} steps"
+                + (f", {summary.tokens_per_s:.0f} tokens/s" if summary.tokens_per_s else ""),
                 "detail": {"training": summary.model_dump(mode="json"), "attempt": attempt},
             }
         )

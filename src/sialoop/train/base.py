@@ -90,6 +90,8 @@ class TrainSummary(Record):
     first_loss: float | None
     last_loss: float | None
     losses: list[float] = Field(default_factory=list)
+    # training tokens (prompt and completion) per second of the steps this call ran
+    tokens_per_s: float | None = None
     mean_reward: float | None = None
     groups: int | None = None
     skipped_groups: int | None = None

@@ -347,12 +347,14 @@ def _save_final(out_dir: Path, policy: Policy, summary: TrainSummary, print_: st
 
 @dataclass
 class Fit:
-    """What `fit` did: total steps, every step's loss, where it resumed, its wall time."""
+    """What `fit` did: total steps, every step's loss, where it resumed, its wall time, and the
+    tokens (prompt and completion, padding left out) of the steps this call ran."""
 
     steps: int
     losses: list[float]
     resumed_from_step: int
     seconds: float
+    tokens: int = 0
 
 
 def total_steps(n: int, settings: TrainSettings) -> int:
@@ -412,6 +414,7 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     state = _load_checkpoint(job.out_dir, policy, optimizer, job.fingerprint) or _State(0, [])
     resumed, total = state.step, total_steps(len(items), settings)
+    tokens = 0
     policy.model.train()
     with _bar(job.console) as bar:
         task = bar.add_task(job.title, total=total, completed=resumed, loss="-") if bar else None
@@ -419,6 +422,7 @@ def fit(
             if cancelled():  # Ctrl-C in the thread that waits for this one
                 raise KeyboardInterrupt
             chosen = _batch_indices(items, state.step, settings)
+            tokens += sum(len(items[i].ids) for i in chosen)
             loss = objective(policy, collate([items[i] for i in chosen], policy.pad))
             loss.backward()
             if settings.max_grad_norm:
@@ -433,7 +437,7 @@ def fit(
             if every and state.step % every == 0 and state.step < total:
                 _save_checkpoint(job.out_dir, policy, optimizer, state, job.fingerprint)
     policy.model.eval()
-    return Fit(state.step, state.losses, resumed, time.perf_counter() - started)
+    return Fit(state.step, state.losses, resumed, time.perf_counter() - started, tokens)
 
 
 def summarize(
@@ -448,6 +452,7 @@ def summarize(
         first_loss=fit.losses[0] if fit.losses else None,
         last_loss=fit.losses[-1] if fit.losses else None,
         losses=fit.losses,
+        tokens_per_s=fit.tokens / fit.seconds if fit.seconds > 0 and fit.tokens else None,
         adapter_dir=str(out_dir / ADAPTER),
         resumed_from_step=fit.resumed_from_step,
         **extra,
