@@ -8,6 +8,7 @@ a broken candidate while the run goes on."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -20,7 +21,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sialoop.cli import app
-from sialoop.evaluator import best_version
+from sialoop.config import RunConfig
+from sialoop.evaluator import best_version, val_split
 from sialoop.harness.knobs import read_declarations
 from sialoop.store import Store
 from sialoop.tasks import load_task
@@ -58,7 +60,10 @@ def finished(request, tmp_path_factory, tiny_model_dir) -> tuple[str, Store]:
     task = {"capitals": f"{ROOT / 'examples/capitals.py'}:Capitals"}.get(
         request.param, request.param
     )
+    # arith: an undecided candidate always widens (the adaptive gate's looks, asserted below)
     extra = ["--set", "gate.cheaper=0.9"] if request.param != "arith" else []
+    if request.param == "arith":
+        extra += ["--set", "gate.undecided=1.0"]
     if request.param == "capitals":  # and the Feedback-Agent itself fails at generation 3
         extra += ["--set", "agents.feedback='scripted_agents:fails_at_three'"]
     if request.param == "toy":  # enough SFT for the tiny model to learn colours, if chosen
@@ -110,15 +115,29 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
         assert versions["v3"].status == "broken" and "RuntimeError" in versions["v3"].note
 
     # the gate read the metric's direction; the best version is the best by the metric
+    widened = 0
     for v in versions.values():
         gate = v.detail.get("gate")
         if not gate:
             continue
         assert gate["direction"] == metric.direction
+        assert decisions[v.generation].evidence["gate_n"] == gate["n_paired"]
         if v.status == "accepted" and gate["verdict"] == "better":
-            assert metric.gain(val[v.version_id], val[v.parent_id]) > 0, gate["reason"]
+            assert gate["delta"] > 0 and gate["p_value"] < gate["alpha"], gate["reason"]
+            if not gate["looks"] or len(gate["looks"]) == 1:
+                assert metric.gain(val[v.version_id], val[v.parent_id]) > 0, gate["reason"]
         if v.status == "rejected":
             assert gate["verdict"] == "rejected"
+        # the adaptive gate looked again only while undecided, at the planned n, within alpha
+        looks = gate["looks"]
+        for before, after in itertools.pairwise(looks):
+            assert before["verdict"] == "rejected" and after["n"] > before["n"]
+        if looks:
+            assert [look["n"] for look in looks] == gate["planned"][: len(looks)]
+            assert all(look["nominal_alpha"] < gate["overall_alpha"] for look in looks)
+        widened += len(looks) > 1
+    if name == "arith":
+        assert widened, [v.detail.get("gate") for v in versions.values()]
     accepted = [v for v in versions.values() if v.status == "accepted"]
     best = best_version(store)
     if all((v.detail.get("gate") or {}).get("verdict") != "cheaper" for v in accepted):
@@ -130,9 +149,10 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
     if len(task.instances("val")) > 8:
         (held,) = store.evaluations("holdout")
         assert held.version_id == best.version_id and held.n == 3
-        assert {t.instance_id for t in store.trajectories(best.version_id, "val")} > {
-            t.instance_id for t in store.trajectories("v0", "val")
-        } or best.version_id == "v0"
+        held_ids = {i.id for i in val_split(task, RunConfig.model_validate(cfg))[1]}
+        for v in versions.values():  # not even the adaptive gate's wider looks touch them
+            seen = {t.instance_id for t in store.trajectories(v.version_id, "val")}
+            assert seen >= held_ids if v.version_id == best.version_id else not seen & held_ids
     if name == "sortcost":
         assert metric.direction == "lower" and ev.tokens_per_item is not None
         assert len(accepted) >= 2, "a better sort algorithm was found"  # v0 and a better one

@@ -82,6 +82,15 @@ class GateConfig(_Section):
     cheaper: float = Field(default=0.2, gt=0, lt=1)
     # How scores pair: "task" (the task's declared noise model), "items" or "units".
     noise: Literal["task", "items", "units"] = "task"
+    # The adaptive gate (sialoop/sequential.py): an undecided candidate (p between the look's
+    # alpha and `undecided`) is scored with the incumbent on more val items, at most
+    # `widen_looks` more times, up to `widen_to` val items (0: every val item outside the
+    # holdout); alpha is spent over the looks so the overall false-acceptance rate stays alpha.
+    # `undecided` 1.0: every candidate not accepted widens.
+    widen_looks: int = Field(default=2, ge=0)  # 0: the single-look gate
+    widen_to: int = Field(default=0, ge=0)
+    undecided: float = Field(default=0.3, gt=0, le=1)
+    spending: Literal["pocock", "obrien-fleming"] = "pocock"
 
 
 class LLMAgentConfig(_Section):

@@ -39,6 +39,19 @@ def val_subset(task: Task, cfg: RunConfig) -> list[Instance]:
     return val_split(task, cfg)[0]
 
 
+def widening_pool(task: Task, cfg: RunConfig) -> list[Instance]:
+    """The val items outside the search's subset and the holdout, in a seeded order: what the
+    adaptive gate adds, a prefix at a time, when a candidate is undecided."""
+    val = task.instances("val")
+    picked, held = val_split(task, cfg)
+    used = {i.id for i in (*picked, *held)}
+    rest = [i for i in val if i.id not in used]
+    random.Random(cfg.seed + 2).shuffle(rest)
+    if cfg.gate.widen_to:
+        rest = rest[: max(0, cfg.gate.widen_to - len(picked))]
+    return rest
+
+
 def served_adapters(store: Store) -> dict[str, Path]:
     """Every trained adapter of the run, by name, to serve on the endpoint."""
     return {

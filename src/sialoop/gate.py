@@ -32,6 +32,10 @@ the machine's reasons (`RolloutError.infra`: the OOM killer, a timeout on a fres
 the sandbox's one retry), its score says more about the machine than the harness, and the gate
 refuses to decide: the candidate is rejected with a reason naming the share and the kinds.
 
+One call is one look. The loop's adaptive gate (sialoop/sequential.py, loop.gate_candidate) calls
+it again on more val items while a candidate is undecided, each time at that look's nominal
+alpha, so the false-acceptance rate over all looks of one candidate stays at alpha.
+
 Not guaranteed: across many generations false acceptances add up (no multiple-testing
 correction); the bootstrap assumes pairs are exchangeable (units of one item are not
 independent, so the "units" model is optimistic when units share an item's noise).
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +95,11 @@ class GateResult(Record):
     alpha: float
     reason: str
     degraded: bool = False  # refused: an evaluation had too many infrastructure failures
+    # The adaptive gate's looks, each {n, p_value, p_noninferior, nominal_alpha, verdict}; this
+    # result is the last one's. Empty: a single look, at `alpha`.
+    looks: list[dict[str, Any]] = Field(default_factory=list)
+    overall_alpha: float | None = None  # the false-acceptance bound over all planned looks
+    planned: list[int] = Field(default_factory=list)  # val items at each planned look
 
 
 def infra_failures(trajectories: Sequence[Trajectory]) -> int:

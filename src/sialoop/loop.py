@@ -27,8 +27,9 @@ from sialoop.evaluator import (
     served_adapters,
     val_split,
     val_subset,
+    widening_pool,
 )
-from sialoop.gate import GateSettings, gate
+from sialoop.gate import GateResult, GateSettings, gate
 from sialoop.harness.knobs import Declarations, KnobError, read_declarations
 from sialoop.harness.program import HarnessInvalid, validate_harness
 from sialoop.levers import LoopContext, broken, make_candidate
@@ -40,8 +41,9 @@ from sialoop.records import Decision, Lever, RunInfo, Trajectory, Version
 from sialoop.rollout import evaluate, rollout
 from sialoop.rundir import console_log, remove_scratch, write_run_files
 from sialoop.runlock import RunLock
+from sialoop.sequential import plan, run_looks
 from sialoop.store import Store
-from sialoop.tasks import Task, task_for
+from sialoop.tasks import Instance, Task, task_for
 
 
 def new_run(cfg: RunConfig, task: Task, run_id: str | None = None) -> Store:
@@ -98,6 +100,68 @@ def _val(ctx: LoopContext, version: Version) -> list[Trajectory]:
             evaluate(ctx.rollout_ctx(version), val, bar)
     ids = {i.id for i in val}
     return [t for t in ctx.store.trajectories(version.version_id, "val") if t.instance_id in ids]
+
+
+def _val_on(ctx: LoopContext, version: Version, items: list[Instance]) -> list[Trajectory]:
+    """The version's trajectories on the val subset and `items` beyond it (the adaptive gate's
+    wider looks), scoring what is missing; only the subset's score is the version's Evaluation."""
+    first = _val(ctx, version)
+    extra = [i for i in items if i.id not in {t.instance_id for t in first}]
+    if not extra:
+        return first
+    stored = ctx.store.stored_for(version.version_id, extra)
+    title = f"{version.version_id} on {len(first) + len(extra)} val items (the gate widens)"
+    with phase_bar(ctx.console, title, len(extra), stored) as bar:
+        return first + rollout(ctx.rollout_ctx(version), extra, bar)
+
+
+def gate_candidate(ctx: LoopContext, incumbent: Version, candidate: Version) -> GateResult:
+    """The gate on the val subset; while undecided, again on more val items (both versions),
+    at the nominal alpha of each planned look (sialoop/sequential.py)."""
+    g, settings = ctx.cfg.gate, _gate_settings(ctx)
+    first, pool = val_subset(ctx.task, ctx.cfg), widening_pool(ctx.task, ctx.cfg)
+    seq = plan(len(first), len(first) + len(pool), g.widen_looks, g.alpha, g.spending, g.undecided)
+    items = first + pool
+
+    def look(n: int, nominal: float) -> GateResult:
+        ids = {i.id for i in items[:n]}
+        inc = [t for t in _val_on(ctx, incumbent, items[:n]) if t.instance_id in ids]
+        cand = [t for t in _val_on(ctx, candidate, items[:n]) if t.instance_id in ids]
+        result = gate(inc, cand, settings.model_copy(update={"alpha": nominal}), ctx.task.metric)
+        if len(seq.looks) > 1:
+            ctx.console.print(f"  look at {n} val items: {result.reason}", highlight=False)
+        return result
+
+    def undecided(result: GateResult, bound: float) -> bool:
+        p_ni, always = result.p_noninferior, bound >= 1.0  # 1: every candidate not accepted
+        return not result.degraded and (always or min(result.p_value, p_ni or 1.0) < bound)
+
+    result, looks = run_looks(seq, look, lambda r: r.accepted, undecided)
+    if len(seq.looks) == 1:
+        return result
+    reason = (
+        f"{result.reason}; look {len(looks)} of {len(seq.looks)} (planned n "
+        f"{'/'.join(map(str, seq.looks))}, {seq.spending} alpha spending, overall alpha "
+        f"{seq.alpha:g})"
+    )
+    return result.model_copy(
+        update={
+            "reason": reason,
+            "overall_alpha": seq.alpha,
+            "planned": list(seq.looks),
+            "looks": [
+                {
+                    "n": n,  # val items; n_paired counts the pairs (units for a "units" task)
+                    "n_paired": r.n_paired,
+                    "p_value": r.p_value,
+                    "p_noninferior": r.p_noninferior,
+                    "nominal_alpha": r.alpha,
+                    "verdict": r.verdict,
+                }
+                for n, r in zip(seq.looks, looks, strict=False)
+            ],
+        }
+    )
 
 
 def history(store: Store, task: Task) -> History:
@@ -225,8 +289,11 @@ def generation(ctx: LoopContext, g: int, budget: Budget) -> bool:
     candidate = existing[0] if existing else make_candidate(ctx, incumbent, decision, vid)
     if candidate.status == "candidate":
         store.put_version(candidate)
-        result = gate(
-            _val(ctx, incumbent), _val(ctx, candidate), _gate_settings(ctx), ctx.task.metric
+        result = gate_candidate(ctx, incumbent, candidate)
+        store.replace_decision(
+            decision.model_copy(
+                update={"evidence": {**decision.evidence, "gate_n": result.n_paired}}
+            )
         )
         status = "accepted" if result.accepted else "rejected"
         ctx.console.print(f"  {vid} {status}: {result.reason}")

@@ -154,6 +154,8 @@ def _version_row(
         "p_value": gate.get("p_value"),
         "p_noninferior": gate.get("p_noninferior"),
         "gate_reason": gate.get("reason"),
+        "gate_n": gate.get("n_paired"),
+        "gate_looks": len(gate.get("looks") or []) or (1 if gate else None),
         "minutes": v.detail.get("minutes"),
         "created_at": v.created_at,
     }
@@ -369,10 +371,19 @@ def report_table(data: dict[str, Any]) -> Table:
             test_n,
             _num(cost.get("seconds_per_item"), ".2f"),
             _num(cost.get("tokens_per_item"), ".0f"),
-            f"{v['verdict']} p {_p(v['p_value'])}" if v["verdict"] else "-",
+            _gate_cell(v),
         )
     table.caption = "\n".join(_footer(data, metric))
     return table
+
+
+def _gate_cell(v: dict[str, Any]) -> str:
+    if not v["verdict"]:
+        return "-"
+    cell = f"{v['verdict']} p {_p(v['p_value'])}"
+    if (v["gate_looks"] or 1) > 1:  # the adaptive gate widened: say to what
+        cell += f" @{v['gate_n']} (look {v['gate_looks']})"
+    return cell
 
 
 def _footer(data: dict[str, Any], metric: dict[str, Any] | None) -> list[str]:

@@ -323,6 +323,14 @@ class Store:
                 (decision.decision_id, decision.generation, decision.model_dump_json()),
             )
 
+    def replace_decision(self, decision: Decision) -> None:
+        """Rewrite a stored Decision (the gate adds the n it used)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE decisions SET record = ? WHERE decision_id = ?",
+                (decision.model_dump_json(), decision.decision_id),
+            )
+
     def decisions(self) -> list[Decision]:
         rows = self._rows("SELECT record FROM decisions ORDER BY generation, rowid")
         return [Decision.model_validate_json(r) for r in rows]
