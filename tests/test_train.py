@@ -1,4 +1,4 @@
-"""The Trainer: datasets from a real store, SFT, GRPO and DPO on the tiny random Gemma 3 (float32),
+"""The Trainer: datasets from a real store, SFT, GRPO, DPO and PPO on the tiny random Gemma 3 (float32),
 adapters loaded by peft and by the policy backend, and resume after SIGKILL."""
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from sialoop.train import (
     engine,
     grpo_groups,
     method,
+    ppo_episodes,
     sft_examples,
 )
 from sialoop.train.data import _ranked_wrong, option_set
 from sialoop.train.dpo import DPO
 from sialoop.train.grpo import GRPO, advantages
+from sialoop.train.ppo import PPO, clipped_surrogate, gae, value_loss
 from sialoop.train.sft import SFT
 
 OBJECTS = {obj: colour for colour, objs in COLOURS.items() for obj in objs}  # 16 objects
@@ -293,7 +295,7 @@ def slow_step(self, *args, **kwargs):  # leaves the parent time to kill between 
     time.sleep(0.3)
     return step(self, *args, **kwargs)
 torch.optim.AdamW.step = slow_step
-method("sft").train(
+method(job["method"]).train(
     Path(job["model_dir"]),
     [TrainExample(**e) for e in job["examples"]],
     Path(job["out_dir"]),
@@ -303,13 +305,31 @@ method("sft").train(
 """
 
 
-def test_sft_resumes_after_sigkill(model_dir: Path, tmp_path: Path):
-    settings = FAST.model_copy(update={"max_steps": 10, "checkpoint_every": 2})
+def _kill_examples(name: str, backend: HFBackend, model_dir: Path) -> list[TrainExample]:
+    if name == "ppo":
+        return sampled_episodes(backend, model_dir)
+    if name == "sft":
+        return TOY
+    groups = option_groups(list(OBJECTS)[:6], rewarded="blue")
+    if name == "grpo":
+        return groups
+    return [e for e in groups if e.completion in (" blue\n", " red\n")]  # dpo: pairs
+
+
+# The engine's checkpoints are shared; PPO's also carry its value head, so PPO is the fast one.
+@pytest.mark.parametrize(
+    "name",
+    ["ppo", *(pytest.param(m, marks=pytest.mark.slow) for m in ("sft", "grpo", "dpo"))],
+)
+def test_training_resumes_after_sigkill(name, model_dir: Path, backend: HFBackend, tmp_path):
+    examples = _kill_examples(name, backend, model_dir)
+    settings = FAST.model_copy(update={"max_steps": 10, "checkpoint_every": 2, "lr": 5e-3})
     out = tmp_path / "killed"
     job = {
+        "method": name,
         "model_dir": str(model_dir),
         "out_dir": str(out),
-        "examples": [e.model_dump() for e in TOY],
+        "examples": [e.model_dump() for e in examples],
         "settings": settings.model_dump(),
         "lora": LORA.model_dump(),
     }
@@ -324,15 +344,16 @@ def test_sft_resumes_after_sigkill(model_dir: Path, tmp_path: Path):
     child.wait()
     assert child.returncode == -signal.SIGKILL, f"the child ended by itself ({child.returncode})"
 
-    summary = SFT().train(model_dir, TOY, out, settings, LORA)
+    trainer = method(name)
+    summary = trainer.train(model_dir, examples, out, settings, LORA)
     assert 2 <= summary.resumed_from_step < 10
     assert summary.steps == 10 and len(summary.losses) == 10
     assert not (out / "checkpoint").exists() and (out / "adapter" / "adapter_config.json").exists()
 
-    straight = SFT().train(model_dir, TOY, tmp_path / "straight", settings, LORA)
+    straight = trainer.train(model_dir, examples, tmp_path / "straight", settings, LORA)
     assert summary.losses == pytest.approx(straight.losses, rel=1e-3, abs=1e-4)
     with pytest.raises(TrainError, match="other settings"):
-        SFT().train(model_dir, TOY[:8], out, settings, LORA)
+        trainer.train(model_dir, examples[:8], out, settings, LORA)
 
 
 # ---- GRPO ---------------------------------------------------------------------------------------
@@ -444,3 +465,128 @@ def test_dpo_raises_chosen_over_rejected_from_the_start_policy(
     with pytest.raises(TrainError, match="no pair"):
         DPO().train(model_dir, examples[-1:], tmp_path / "none", FAST, LORA)
     assert method("dpo").name == "dpo"
+
+
+# ---- PPO --------------------------------------------------------------------------------------
+
+
+def test_gae_and_the_clipped_losses_match_hand_computed_values():
+    adv, ret = gae([0.0, 0.0, 1.0], [0.5, 0.2, 0.4], gamma=0.9, lam=0.8)
+    # delta = (-0.32, 0.16, 0.6); A_t = delta_t + 0.72 A_(t+1)
+    assert adv == pytest.approx([0.10624, 0.592, 0.6])
+    assert ret == pytest.approx([0.60624, 0.792, 1.0])
+    assert gae([1.0], [0.0], 1.0, 1.0) == ([1.0], [1.0])
+
+    ratio = torch.tensor([1.5, 0.5, 1.1])
+    loss, clipped = clipped_surrogate(ratio.log(), torch.zeros(3), torch.tensor([1.0, 1, -1]), 0.2)
+    # min(r A, clip(r) A) = (1.2, 0.5, -1.1)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.1) / 3)
+    assert clipped.item() == pytest.approx(2 / 3)
+    v = value_loss(
+        torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, 1.0]), 0.5
+    )
+    # clipped values (0.5, 0.0): max((1-2)^2, (0.5-2)^2) = 2.25 and max(1, 1) = 1
+    assert v.item() == pytest.approx(0.5 * (2.25 + 1.0) / 2)
+
+
+def sampled_episodes(backend: HFBackend, model_dir: Path) -> list[TrainExample]:
+    """Episodes of two sampled calls each (a multi-call harness), as `ppo_episodes` builds them:
+    the endpoint's token ids and its logprobs at sampling time; " blue" rewarded 1."""
+    policy = engine.load_policy(model_dir, FAST, LORA)
+    out = []
+    for obj in list(OBJECTS)[:6]:
+        for colour in ("blue", "red"):
+            text = TrainExample(prompt=PROMPTS[obj], completion=f" {colour}\n")
+            enc = engine.encode(policy, text, 64)
+            request = ScoreRequest("base", (text.prompt + text.completion,), 0, (len(text.prompt),))
+            lp = backend.score(request)[0].logprobs.token_logprobs
+            recorded = [v for v in lp if v is not None]
+            for call in range(2):
+                out.append(
+                    text.model_copy(
+                        update={
+                            "reward": float(colour == "blue"),
+                            "group": f"{obj}/{colour}",
+                            "prompt_ids": enc.ids[: enc.start] if call else enc.ids[1 : enc.start],
+                            "completion_ids": enc.ids[enc.start :],
+                            "logprobs": tuple(recorded),
+                        }
+                    )
+                )
+    return out
+
+
+def test_ppo_raises_rewarded_samples_and_continues_its_parent(
+    model_dir: Path, backend: HFBackend, tmp_path
+):
+    examples = sampled_episodes(backend, model_dir)
+    settings = FAST.model_copy(update={"max_steps": 12, "lr": 5e-3, "batch_size": 6})
+    summary = PPO().train(model_dir, examples, tmp_path / "ppo", settings, LORA)
+    assert summary.examples == 24 and summary.groups == 12 and summary.mean_reward == 0.5
+    losses = torch.tensor(summary.losses)
+    assert torch.isfinite(losses).all() and summary.last_loss < summary.first_loss
+    assert summary.kl is not None and summary.kl >= 0 and summary.value_loss is not None
+    assert summary.tokens_per_s and summary.tokens_per_s > 0
+    # the endpoint's fp32 logprobs at sampling time against the trainer's, token by token
+    assert summary.logprob_gap is not None and summary.logprob_gap < 1e-3
+
+    backend.add_adapter("ppo1", Path(summary.adapter_dir))
+    for obj in list(OBJECTS)[:6]:
+        pair = [TrainExample(prompt=PROMPTS[obj], completion=f" {c}\n") for c in ("blue", "red")]
+        before, after = scored(backend, "base", pair), scored(backend, "ppo1", pair)
+        assert after[0] - after[1] > before[0] - before[1] + 0.5
+
+    # a second candidate continues the parent's adapter and its value head
+    head = torch.load(tmp_path / "ppo" / "value_head.pt", weights_only=True)
+    assert head["weight"].abs().sum() > 0
+    child = settings.model_copy(
+        update={"max_steps": 1, "lr": 1e-9, "init_adapter": summary.adapter_dir}
+    )
+    PPO().train(model_dir, examples, tmp_path / "ppo2", child, LORA)
+    again = torch.load(tmp_path / "ppo2" / "value_head.pt", weights_only=True)
+    assert torch.allclose(again["weight"], head["weight"], atol=1e-6)
+
+    same = [e.model_copy(update={"reward": 1.0}) for e in examples]
+    with pytest.raises(TrainError, match="no signal"):
+        PPO().train(model_dir, same, tmp_path / "flat", settings, LORA)
+    with pytest.raises(TrainError, match="samples nothing"):
+        PPO().train(model_dir, [], tmp_path / "none", settings, LORA)
+    assert method("ppo").name == "ppo"
+
+
+def test_ppo_episodes_credit_every_sampled_call_with_the_episode_score(tmp_path: Path):
+    task = ToyTask()
+    store = Store.create(tmp_path / "run", RunInfo(run_id="r", task="toy", config={}))
+    insts = task.instances("train")[:2]
+    for k, inst in enumerate(insts):
+        traj = Trajectory(
+            run_id="r", version_id="v0", split="train", instance_id=inst.id,
+            output="red", score=Score(value=float(k)), seconds=0.1,
+        )  # fmt: skip
+        calls = [
+            LLMCall(
+                episode_id=traj.trajectory_id,
+                endpoint="completions",
+                adapter="base",
+                prompt=f"step {step}:",
+                completion=" red",
+                prompt_token_ids=[2, 9, step],
+                completion_token_ids=[7, 8],
+                token_logprobs=[-0.5, -0.25] if step else None,
+                params={"max_tokens": 4, "logprobs": 0} if step else {"max_tokens": 4},
+                latency_s=0.1,
+            )
+            for step in range(2)
+        ]
+        calls += scoring_calls(traj.trajectory_id, "Answer: ", ["red", "blue"], "\n")
+        store.add_trajectory(traj, calls)
+    examples = ppo_episodes(store, task, "v0")
+    assert len(examples) == 4  # two sampled calls per episode; option scoring samples nothing
+    assert [e.reward for e in examples] == [0.0, 0.0, 1.0, 1.0]
+    assert examples[0].group == examples[1].group != examples[2].group
+    assert examples[1].completion_ids == (7, 8) and examples[1].prompt_ids == (2, 9, 1)
+    assert examples[0].logprobs is None and examples[1].logprobs == (-0.5, -0.25)
+    # a lower-is-better task: the reward is the score in the metric's direction
+    lower = ToyTask()
+    lower.metric = lower.metric.model_copy(update={"direction": "lower"})
+    assert [e.reward for e in ppo_episodes(store, lower, "v0")] == [0.0, 0.0, -1.0, -1.0]

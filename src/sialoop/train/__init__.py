@@ -14,9 +14,9 @@ from sialoop.train.base import (
     TrainSettings,
     TrainSummary,
 )
-from sialoop.train.data import dpo_pairs, grpo_groups, sft_examples
+from sialoop.train.data import dpo_pairs, grpo_groups, ppo_episodes, sft_examples
 
-METHODS = ("sft", "grpo", "dpo")
+METHODS = ("sft", "grpo", "dpo", "ppo")
 
 __all__ = [
     "METHODS",
@@ -29,6 +29,7 @@ __all__ = [
     "dpo_pairs",
     "grpo_groups",
     "method",
+    "ppo_episodes",
     "sft_examples",
 ]
 
@@ -47,4 +48,8 @@ def method(name: str) -> TrainerMethod:
         from sialoop.train.dpo import DPO
 
         return DPO()
+    if name == "ppo":
+        from sialoop.train.ppo import PPO
+
+        return PPO()
     raise TrainError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}")

@@ -62,6 +62,13 @@ class TrainSettings(BaseModel):
     kl_coef: float = Field(0.04, ge=0)
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.1, gt=0)  # DPO: the scale of the chosen-minus-rejected log-ratio
+    # PPO: the discount and GAE's lambda over completion tokens, the ratio's clip range, the
+    # value loss's weight and clip range (`kl_coef` weighs the KL to the reference, as in GRPO).
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0, lt=1)
+    vf_coef: float = Field(0.1, ge=0)
+    value_clip: float = Field(0.2, gt=0)
 
 
 class TrainExample(BaseModel):
@@ -76,6 +83,11 @@ class TrainExample(BaseModel):
     completion: str = Field(min_length=1)
     reward: float | None = None
     group: str | None = None
+    # A sampled call as the endpoint recorded it (PPO): the token ids it saw and sampled, and
+    # the sampled tokens' logprobs at sampling time where the harness asked for them.
+    prompt_ids: tuple[int, ...] | None = None
+    completion_ids: tuple[int, ...] | None = None
+    logprobs: tuple[float, ...] | None = None
 
 
 class TrainSummary(Record):
@@ -95,6 +107,13 @@ class TrainSummary(Record):
     mean_reward: float | None = None
     groups: int | None = None
     skipped_groups: int | None = None
+    # PPO: the last step's KL to the reference, value loss and clipped share of tokens, and
+    # the mean |sampling-time - training-time| logprob of the sampled tokens (None: the
+    # harness recorded none), i.e. how far the endpoint's dtype is from the trainer's.
+    kl: float | None = None
+    value_loss: float | None = None
+    clip_fraction: float | None = None
+    logprob_gap: float | None = None
     adapter_dir: str
     resumed_from_step: int = 0
 

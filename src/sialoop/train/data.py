@@ -1,5 +1,5 @@
 """Training sets built from the run store, never from rollout code (`sft_examples`,
-`grpo_groups`, `dpo_pairs`, one data path for every method): stored trajectories, the
+`grpo_groups`, `dpo_pairs`, `ppo_episodes`, one data path for every method): stored trajectories, the
 LLM calls the policy endpoint recorded for them, and the task's train labels.
 
 Gold labels come only from the train split: `sft_examples` refuses any other split, `grpo_groups`
@@ -171,12 +171,13 @@ def _option_group(traj: Trajectory, calls: list[LLMCall], gold: str) -> list[Tra
 
 
 def _sample_member(
-    traj: Trajectory, calls: list[LLMCall], gold: str, group: str
+    traj: Trajectory, calls: list[LLMCall], gold: str, group: str, sign: float = 1.0
 ) -> TrainExample | None:
-    """One sampled trajectory as a group member: its chosen option, else its last generation."""
+    """One sampled trajectory as a group member: its chosen option, else its last generation;
+    its reward is the score in the metric's direction (`sign` -1: lower is better)."""
     output = answer_text(traj.output)
     found = decisive_set(calls, output, gold)
-    reward = traj.score.value if traj.score else 0.0
+    reward = sign * traj.score.value if traj.score and traj.score.value is not None else 0.0
     if found is not None and output in found.options:
         prompt, completion = found.prefix, output + found.suffix
     else:
@@ -218,7 +219,7 @@ def grpo_groups(store: Store, task: Task, version_id: str) -> list[TrainExample]
         if len({t.sample for t in trajectories}) > 1:
             group = f"{version_id}/{instance_id}"
             members = [
-                _sample_member(t, store.llm_calls(t.trajectory_id), gold, group)
+                _sample_member(t, store.llm_calls(t.trajectory_id), gold, group, task.metric.sign)
                 for t in trajectories
             ]
             out += [m for m in members if m is not None]
@@ -271,7 +272,11 @@ def dpo_pairs(store: Store, task: Task, version_id: str) -> list[TrainExample]:
             members = [
                 m
                 for t in trajectories
-                if (m := _sample_member(t, store.llm_calls(t.trajectory_id), gold, group))
+                if (
+                    m := _sample_member(
+                        t, store.llm_calls(t.trajectory_id), gold, group, task.metric.sign
+                    )
+                )
             ]
             members.sort(key=lambda m: -(m.reward or 0.0))
             if len(members) < 2 or members[0].reward == members[-1].reward:
@@ -298,4 +303,42 @@ def dpo_pairs(store: Store, task: Task, version_id: str) -> list[TrainExample]:
             ),
         ]
     log.info("dpo_pairs(%s): %d pairs; skipped %s", version_id, len(out) // 2, dict(skipped))
+    return out
+
+
+def sampled_calls(calls: list[LLMCall]) -> list[LLMCall]:
+    """The calls that sampled tokens (not option scoring), with the token ids the endpoint
+    recorded; a chat call counts, its prompt ids being the rendered messages."""
+    return [c for c in calls if c.completion_token_ids and c.params.get("max_tokens") != 0]
+
+
+def ppo_episodes(store: Store, task: Task, version_id: str) -> list[TrainExample]:
+    """PPO sequences from the train trajectories of `version_id`: every sampled call of a scored
+    episode, as recorded (token ids, and sampling-time logprobs where the harness asked for
+    them), with the episode's score in the metric's direction as reward and the episode as
+    group. No label is read: the reward is the task's score of the episode."""
+    skipped, out = Counter(), []
+    for traj in _usable(store.trajectories(version_id, "train")):
+        if traj.score is None or traj.score.value is None:
+            skipped["no score"] += 1
+            continue
+        calls = sampled_calls(store.llm_calls(traj.trajectory_id))
+        skipped["no sampled call"] += not calls
+        for c in calls:
+            logprobs = c.token_logprobs
+            if logprobs is not None:  # echoed prompt first: keep the sampled tokens' part
+                logprobs = logprobs[-len(c.completion_token_ids) :]
+            known = logprobs is not None and all(v is not None for v in logprobs)
+            out.append(
+                TrainExample(
+                    prompt=c.prompt if isinstance(c.prompt, str) else "",
+                    completion=c.completion or "?",
+                    reward=task.metric.sign * traj.score.value,
+                    group=traj.trajectory_id,
+                    prompt_ids=tuple(c.prompt_token_ids),
+                    completion_ids=tuple(c.completion_token_ids),
+                    logprobs=tuple(float(v) for v in logprobs or ()) if known else None,
+                )
+            )
+    log.info("ppo_episodes(%s): %d sequences; skipped %s", version_id, len(out), dict(skipped))
     return out

@@ -31,7 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class Policy:
     bos: int
     pad: int
     softcap: float | None
+    # Trainable modules beside the adapter (PPO's value head), checkpointed and saved with it as
+    # `<name>.pt` in the output folder.
+    extras: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class Encoded:
     start: int
     value: float = 0.0  # a per-example number the objective uses (GRPO: the advantage)
     unit: str | None = None
+    # Per completion token numbers the objective uses (PPO: old logprobs, advantages, returns),
+    # each as long as `ids[start:]`.
+    per_token: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Batch:
     owner: torch.Tensor
     values: torch.Tensor
     items: tuple[Encoded, ...]
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # in `targets` order
 
     @property
     def size(self) -> int:
@@ -138,7 +145,11 @@ def load_policy(model_dir: Path, settings: TrainSettings, lora: LoraSettings) ->
 def encode(
     policy: Policy, example: TrainExample, max_len: int, value: float = 0.0, unit: str | None = None
 ) -> Encoded:
-    """Token ids of `prompt + completion` as the endpoint tokenizes them, left-truncated."""
+    """Token ids of `prompt + completion` as the endpoint tokenizes them, left-truncated; or,
+    when the example carries them, the token ids the endpoint recorded (sampled tokens exactly
+    as sampled)."""
+    if example.prompt_ids is not None and example.completion_ids is not None:
+        return _encode_ids(policy, example, max_len, value, unit)
     text = example.prompt + example.completion
     enc = policy.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
@@ -157,6 +168,23 @@ def encode(
         )
     drop = max(0, len(ids) - keep)
     return Encoded((policy.bos, *ids[drop:]), start - drop + 1, value, unit)
+
+
+def _encode_ids(
+    policy: Policy, example: TrainExample, max_len: int, value: float, unit: str | None
+) -> Encoded:
+    prompt = list(example.prompt_ids or ())
+    while prompt and prompt[0] == policy.bos:
+        prompt = prompt[1:]
+    completion = list(example.completion_ids or ())
+    if not completion:
+        raise TrainError("an example's recorded completion has no token")
+    keep = max_len - 1
+    if len(completion) > keep:
+        raise TrainError(f"a completion of {len(completion)} tokens does not fit max_len={max_len}")
+    ids = prompt + completion
+    drop = max(0, len(ids) - keep)
+    return Encoded((policy.bos, *ids[drop:]), len(prompt) - drop + 1, value, unit)
 
 
 def collate(items: Sequence[Encoded], pad: int) -> Batch:
@@ -179,6 +207,10 @@ def collate(items: Sequence[Encoded], pad: int) -> Batch:
         owner=torch.tensor(owner, dtype=torch.long),
         values=torch.tensor([e.value for e in items], dtype=torch.float32),
         items=tuple(items),
+        per_token={
+            name: torch.tensor([v for e in items for v in e.per_token[name]], dtype=torch.float32)
+            for name in items[0].per_token
+        },
     )
 
 
@@ -186,11 +218,24 @@ def token_logprobs(policy: Policy, batch: Batch, temperature: float = 1.0) -> to
     """log p(target_k | its prefix) for every completion token, under the model as it is now
     (adapter enabled or not). Only the completion rows go through the vocabulary-sized head.
     When items of the batch share a prompt, it runs once (see `_shared_hidden`)."""
-    lm = policy.model.get_base_model()
+    return head_logprobs(policy, completion_hidden(policy, batch), batch, temperature)
+
+
+def completion_hidden(policy: Policy, batch: Batch) -> torch.Tensor:
+    """The last hidden state at each position that predicts a completion token (targets order)."""
     hidden = _shared_hidden(policy, batch)
     if hidden is None:
-        out = lm.get_decoder()(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+        decoder = policy.model.get_base_model().get_decoder()
+        out = decoder(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
         hidden = out.last_hidden_state.flatten(0, 1)[batch.rows]
+    return hidden
+
+
+def head_logprobs(
+    policy: Policy, hidden: torch.Tensor, batch: Batch, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(target_k) from the hidden states `completion_hidden` returned."""
+    lm = policy.model.get_base_model()
     logits = lm.get_output_embeddings()(hidden).float()
     if policy.softcap:
         logits = torch.tanh(logits / policy.softcap) * policy.softcap
@@ -297,6 +342,8 @@ def _save_checkpoint(
     policy.model.save_pretrained(str(partial / ADAPTER))
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, partial / "rng.pt")
+    for name, module in policy.extras.items():
+        torch.save(module.state_dict(), partial / f"{name}.pt")
     meta = {"step": state.step, "losses": state.losses, "fingerprint": print_}
     (partial / "state.json").write_text(json.dumps(meta))
     # Two renames: a kill between them leaves `checkpoint.old`, which `_load_checkpoint` reads.
@@ -325,6 +372,8 @@ def _load_checkpoint(
         )
     weights = load_file(str(where / ADAPTER / "adapter_model.safetensors"))
     set_peft_model_state_dict(policy.model, weights)
+    for name, module in policy.extras.items():
+        module.load_state_dict(torch.load(where / f"{name}.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(where / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(where / "rng.pt", weights_only=True)["torch"])
     return _State(step=meta["step"], losses=list(meta["losses"]))
@@ -336,6 +385,9 @@ def _save_final(out_dir: Path, policy: Policy, summary: TrainSummary, print_: st
     policy.model.save_pretrained(str(partial))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
+    for name, module in policy.extras.items():
+        torch.save(module.state_dict(), out_dir / f"{name}.pt.partial")
+        (out_dir / f"{name}.pt.partial").replace(out_dir / f"{name}.pt")
     tmp = out_dir / f"{SUMMARY}.partial"
     tmp.write_text(json.dumps({"fingerprint": print_, "summary": summary.model_dump(mode="json")}))
     tmp.replace(out_dir / SUMMARY)
@@ -411,11 +463,14 @@ def fit(
     started = time.perf_counter()
     job.out_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    params += [p for m in policy.extras.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     state = _load_checkpoint(job.out_dir, policy, optimizer, job.fingerprint) or _State(0, [])
     resumed, total = state.step, total_steps(len(items), settings)
     tokens = 0
     policy.model.train()
+    for module in policy.extras.values():
+        module.train()
     with _bar(job.console) as bar:
         task = bar.add_task(job.title, total=total, completed=resumed, loss="-") if bar else None
         while state.step < total:
