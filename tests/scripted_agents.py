@@ -66,3 +66,24 @@ class AlwaysWeights(WeightsAtTwo):
 
 def always_weights(cfg: Any) -> AlwaysWeights:
     return AlwaysWeights(FEEDBACK["offline"](cfg))
+
+
+class PPOAtOne(WeightsAtTwo):
+    """PPO at generation 1 (the harness must sample), then the offline agent."""
+
+    def decide(self, *args: Any, **kwargs: Any) -> Decision:
+        decision = self.inner.decide(*args, **kwargs)
+        if decision.generation != 1:
+            return decision
+        return decision.model_copy(
+            update={
+                "lever": Lever.weights,
+                "method": "ppo",
+                "settings": {},
+                "rationale": "scripted: PPO at generation 1",
+            }
+        )
+
+
+def ppo_at_one(cfg: Any) -> PPOAtOne:
+    return PPOAtOne(FEEDBACK["offline"](cfg))

@@ -414,6 +414,26 @@ def test_dpo_follows_an_sft_that_did_not_pay_when_wrong_answers_are_valid():
     assert decide(pattern_batch(), history=sft_lost, settings=high).method == "sft"
 
 
+def test_ppo_for_a_harness_that_samples_once_sft_did_not_pay_never_for_option_scoring():
+    sft_lost = [outcome(Lever.weights, False, -0.01, method="sft")]
+    sampling = [t.model_copy(update={"calls": 2, "sampled_tokens": 12}) for t in pattern_batch()]
+    d = decide(sampling, history=sft_lost)
+    assert d.lever is Lever.weights and d.method == "ppo", d.rationale
+    assert "100% of" in d.rationale and "2.0 calls per episode" in d.rationale
+    assert "SFT's 1 attempts on this run gained -0.01" in d.rationale
+    assert d.evidence["episodes"]["sampling_share"] == 1.0
+    TrainSettings.model_validate(d.settings)
+    # gold first: before SFT was tried, a sampling harness on a labelled task gets SFT
+    assert decide(sampling).method == "sft"
+    # the same batch scored by option scoring (no sampled token): DPO, never PPO
+    scoring = [t.model_copy(update={"calls": 2, "sampled_tokens": 0}) for t in pattern_batch()]
+    assert decide(scoring, history=sft_lost).method == "dpo"
+    # a PPO that did not pay either hands back to SFT/DPO
+    both = [*sft_lost, outcome(Lever.weights, False, -0.02, method="ppo")]
+    patient = OfflineFeedbackSettings(lever_patience=5)
+    assert decide(sampling, history=both, settings=patient).method in ("sft", "dpo")
+
+
 def test_grpo_that_does_not_fit_the_budget_falls_back_to_sft():
     d = decide(pattern_batch(k=4, vary=True), budget=Budget(minutes_left=30))
     assert d.lever is Lever.weights and d.method == "sft"

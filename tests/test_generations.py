@@ -196,3 +196,32 @@ def _run_args(tmp_path: Path, model: Path, run_id: str, harness: Path) -> list[s
         *_args(tmp_path, model, run_id, "--set", "loop.generations=1"),
         "--set", f"harness='{harness}'",
     ]  # fmt: skip
+
+
+def test_ppo_trains_in_the_loop_on_a_harness_that_samples(tmp_path: Path, tiny_model_dir: Path):
+    """A two-call sampling harness on toy; generation 1 pulls PPO: its data is every sampled
+    call of the candidate's train episodes, its adapter serves val, and its figures are kept."""
+    harness = Path(__file__).parent / "harnesses" / "toy_two_calls.py"
+    args = _args(
+        tmp_path, tiny_model_dir, "r", "--set", "loop.generations=1",
+        "--set", f"harness='{harness}'", "--set", "agents.feedback='scripted_agents:ppo_at_one'",
+        "--set", "loop.train_items=16", "--set", "train.max_steps=6", "--set", "train.batch_size=8",
+    )  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    store = Store.open(tmp_path / "r")
+    v1 = store.version("v1")
+    assert v1.status in ("accepted", "rejected"), v1.detail.get("error")
+    training = v1.detail["training"]
+    assert training["method"] == "ppo" and training["steps"] == 6
+    assert training["examples"] == 2 * training["groups"]  # two sampled calls per episode
+    assert training["kl"] is not None and training["value_loss"] is not None
+    assert training["logprob_gap"] is not None and training["logprob_gap"] < 1e-2
+    assert training["tokens_per_s"] > 0
+    assert (store.root / "adapters" / "v1" / "value_head.pt").is_file()
+    val = store.trajectories("v1", "val")
+    assert val and all(c.adapter == "v1" for t in val for c in store.llm_calls(t.trajectory_id))
+    (ev,) = [d for d in store.decisions() if d.generation == 1]
+    assert ev.method == "ppo" and ev.evidence["episodes"]["sampling_share"] == 1.0
+    assert ev.evidence["episodes"]["mean_calls"] == 2.0
+    assert ev.evidence["gate_n"] == v1.detail["gate"]["n_paired"]

@@ -332,18 +332,21 @@ class WeightsLever:
             dpo_pairs,
             grpo_groups,
             method,
+            ppo_episodes,
             sft_examples,
         )
 
         cfg, store = ctx.cfg, ctx.store
         attempt = _weights_attempt(store, parent, decision)
         items = ctx.train_sample(cfg.loop.train_items, seed=cfg.seed + 7919 + 104729 * attempt)
-        k = cfg.loop.samples if decision.method == "grpo" else 1
+        k = cfg.loop.samples if decision.method in ("grpo", "ppo") else 1
         title = f"{parent.version_id} on train (for {decision.method})"
         stored = store.stored_for(parent.version_id, items, k)
         with phase_bar(ctx.console, title, len(items) * k, stored) as bar:
             rollout(ctx.rollout_ctx(parent), items, bar, samples=k)
-        build = {"grpo": grpo_groups, "dpo": dpo_pairs}.get(decision.method or "", sft_examples)
+        build = {"grpo": grpo_groups, "dpo": dpo_pairs, "ppo": ppo_episodes}.get(
+            decision.method or "", sft_examples
+        )
         examples = build(store, ctx.task, parent.version_id)
         t = cfg.train
         init = (

@@ -111,6 +111,8 @@ class Trajectory(Record):
     logs: str = ""
     seconds: float
     tokens: int | None = None  # prompt + completion tokens of the episode's LLM calls
+    calls: int | None = None  # the episode's LLM calls (None: not counted)
+    sampled_tokens: int | None = None  # tokens the policy sampled in them (not option scoring)
     attempts: int = 1  # 2: the first attempt failed for the machine's reasons and was retried
     created_at: float = Field(default_factory=time.time)
 

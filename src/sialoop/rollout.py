@@ -193,6 +193,7 @@ class _Pool:
             inputs["sample"] = sample
         with live_episode(ctx.policy_url, episode) as header:  # only this episode's worker
             result = sandbox.solve(inputs, header)  # gets the header that attaches its calls
+        calls, sampled = ctx.store.episode_shape(episode)
         trajectory = Trajectory(
             trajectory_id=episode,
             run_id=ctx.run_id,
@@ -205,6 +206,8 @@ class _Pool:
             logs=result.logs,
             seconds=result.seconds,
             tokens=ctx.store.episode_tokens(episode),
+            calls=calls,
+            sampled_tokens=sampled,
             attempts=getattr(result, "attempts", 1),  # a plug-in runtime may not retry
         )
         return _score(ctx.task, instance, trajectory)

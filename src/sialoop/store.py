@@ -273,6 +273,21 @@ class Store:
         )
         return int(row[1] or 0)
 
+    def episode_shape(self, episode_id: str) -> tuple[int, int]:
+        """An episode's recorded calls, and the tokens the policy sampled in them (completion
+        tokens of calls that were not option scoring, i.e. max_tokens was not 0)."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT count(*), sum(CASE WHEN json_extract(record, '$.params.max_tokens') = 0 "
+                "THEN 0 ELSE json_array_length(record, '$.completion_token_ids') END) "
+                "FROM llm_calls WHERE episode_id = ?",
+                (episode_id,),
+            )
+            .fetchone()
+        )
+        return int(row[0] or 0), int(row[1] or 0)
+
     def llm_calls(self, episode_id: str | None = None) -> list[LLMCall]:
         if episode_id is None:
             rows = self._rows("SELECT record FROM llm_calls ORDER BY rowid")

@@ -144,6 +144,18 @@ class GroupVariance(Record):
     share_with_variance: float | None = None  # groups whose rewards are not all equal
 
 
+class EpisodeShape(Record):
+    """What the harness's episodes did with the policy: what PPO and GRPO need (sampled tokens)
+    and what an option-scoring harness lacks. Over trajectories that counted their calls."""
+
+    n: int  # trajectories that know their calls
+    mean_calls: float | None = None
+    multi_call_share: float | None = None  # episodes of two or more calls
+    sampling_share: float | None = None  # episodes in which the policy sampled tokens
+    mean_sampled_tokens: float | None = None  # per sampling episode
+    reward_std: float | None = None  # of the oriented scores over the batch
+
+
 class LeverStats(Record):
     lever: Lever
     attempts: int
@@ -173,6 +185,7 @@ class Evidence(Record):
     rankings: dict[str, RankHistogram]  # per declared ranking signal some output carried
     alternatives: dict[str, AlternativeView]  # per declared alternative signal with data
     groups: GroupVariance
+    episodes: EpisodeShape = EpisodeShape(n=0)
     seconds_per_item: float | None
     tokens_per_item: float | None  # over trajectories that know their tokens; None if none do
     levers: dict[Lever, LeverStats]
@@ -403,6 +416,27 @@ def _groups(trajs: Sequence[Trajectory], metric: Metric) -> GroupVariance:
     )
 
 
+def _episodes(trajs: Sequence[Trajectory], metric: Metric) -> EpisodeShape:
+    known = [t for t in trajs if t.calls is not None]
+    rewards = [
+        metric.sign * t.score.value
+        for t in trajs
+        if t.score is not None and t.score.value is not None
+    ]
+    std = float(np.std(rewards)) if len(rewards) > 1 else None
+    if not known:
+        return EpisodeShape(n=0, reward_std=std)
+    sampling = [t for t in known if (t.sampled_tokens or 0) > 0]
+    return EpisodeShape(
+        n=len(known),
+        mean_calls=_mean([float(t.calls or 0) for t in known]),
+        multi_call_share=sum((t.calls or 0) > 1 for t in known) / len(known),
+        sampling_share=len(sampling) / len(known),
+        mean_sampled_tokens=_mean([float(t.sampled_tokens or 0) for t in sampling]),
+        reward_std=std,
+    )
+
+
 def _trailing_rejections(outcomes: Sequence[Outcome]) -> int:
     streak = 0
     for outcome in reversed(outcomes):
@@ -493,6 +527,7 @@ def compute_evidence(
         rankings=rankings,
         alternatives=alternatives,
         groups=_groups(trajectories, metric),
+        episodes=_episodes(trajectories, metric),
         seconds_per_item=_mean([t.seconds for t in trajectories]),
         tokens_per_item=_mean(tokens),
         levers=lever_stats(history),

@@ -201,11 +201,13 @@ class OfflineFeedbackAgent:
             sft = grpo * s.sft_minutes / s.grpo_minutes
         if grpo is None and sft is not None:
             grpo = sft * s.grpo_minutes / s.sft_minutes
-        harness = mean(Lever.harness, None)
+        harness, ppo = mean(Lever.harness, None), mean(Lever.weights, "ppo")
+        grpo_guess = s.grpo_minutes if grpo is None else grpo
         return {
             "harness": s.harness_minutes if harness is None else harness,
             "sft": s.sft_minutes if sft is None else sft,
-            "grpo": s.grpo_minutes if grpo is None else grpo,
+            "grpo": grpo_guess,
+            "ppo": grpo_guess if ppo is None else ppo,  # both sample-based: GRPO's guess
         }
 
     def _lever_minutes(

@@ -32,6 +32,8 @@ _METHOD_TEXT = {
     "sft": "sft: supervised fine-tuning on the batch's best-scored completions (or gold)",
     "grpo": "grpo: group-relative policy optimisation on k sampled completions per instance",
     "dpo": "dpo: preference pairs (gold or the best sample over the strongest wrong answer)",
+    "ppo": "ppo: clipped PPO with a value head and GAE on the sampled calls of each episode "
+    "(needs a harness that samples tokens; not option scoring)",
 }
 
 
@@ -44,6 +46,10 @@ class TrainerOverrides(BaseModel):
     batch_size: int | None = Field(default=None, ge=1, le=256)
     max_len: int | None = Field(default=None, ge=16, le=32768)
     beta: float | None = Field(default=None, gt=0, le=10)  # dpo
+    kl_coef: float | None = Field(default=None, ge=0, le=10)  # grpo, ppo
+    gamma: float | None = Field(default=None, ge=0, le=1)  # ppo
+    lam: float | None = Field(default=None, ge=0, le=1)  # ppo
+    clip: float | None = Field(default=None, gt=0, lt=1)  # ppo
 
 
 class DecisionReply(BaseModel):
@@ -216,8 +222,20 @@ class LLMFeedbackAgent:
                 raise InvalidReply(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
             if method == "grpo" and context.samples < 2:
                 raise InvalidReply("grpo needs k >= 2 samples per instance; this run samples 1")
+            sampling = (base.evidence.get("episodes") or {}).get("sampling_share")
+            if method in ("grpo", "ppo") and sampling == 0:
+                raise InvalidReply(
+                    f"{method} learns from sampled tokens and no episode of the batch sampled "
+                    "any (the harness scores options): use sft or dpo"
+                )
             offline = self.offline.settings
-            settings = dict(offline.grpo_settings if method == "grpo" else offline.sft_settings)
+            settings = dict(
+                {
+                    "grpo": offline.grpo_settings,
+                    "dpo": offline.dpo_settings,
+                    "ppo": offline.ppo_settings,
+                }.get(method, offline.sft_settings)
+            )
             settings.update(reply.settings.model_dump(exclude_none=True))
             if method == "grpo":
                 settings["group_size"] = context.samples

@@ -73,6 +73,10 @@ class OfflineFeedbackSettings(BaseModel):
     # DPO once SFT has not paid on this run and this share of the batch answered valid but wrong
     # (each a hard negative to pair with gold).
     dpo_wrong_share: float = Field(default=0.2, ge=0, le=1)
+    # PPO learns from sampled tokens: this share of the batch's episodes must sample, and their
+    # rewards must differ. Its value baseline stands in for GRPO's group mean when k = 1.
+    ppo_sampling_share: float = Field(default=0.5, gt=0, le=1)
+    ppo_settings: dict[str, Any] = Field(default_factory=dict)
     # Choice and stopping.
     explore_untried: bool = True
     # An untried lever is explored only while one attempt of it costs at most this share of the
@@ -313,6 +317,59 @@ def _gains(history: History | None) -> dict[str, list[float]]:
     return out
 
 
+def _sampling(ev: Evidence, s: OfflineFeedbackSettings) -> str | None:
+    """Why the harness's episodes suit PPO (they sample tokens whose rewards differ), or None."""
+    e = ev.episodes
+    if e.sampling_share is None or e.sampling_share < s.ppo_sampling_share:
+        return None
+    if not e.reward_std:
+        return None
+    calls = f", {e.mean_calls:.1f} calls per episode" if e.mean_calls else ""
+    return (
+        f"{e.sampling_share:.0%} of {e.n} episodes sample tokens (about "
+        f"{e.mean_sampled_tokens or 0:.0f} per episode{calls}) and their rewards differ "
+        f"(std {e.reward_std:.3g})"
+    )
+
+
+def _without_groups(
+    ev: Evidence,
+    budget: Budget,
+    costs: dict[str, float],
+    s: OfflineFeedbackSettings,
+    history: History | None,
+    why_sft: str,
+) -> tuple[str, str, dict[str, Any]]:
+    """No group for GRPO. Gold first (SFT) where the task has it; PPO where the harness samples
+    and there is no gold, or SFT has not paid on this run; otherwise DPO's hard negatives
+    (`_sft_or_dpo`). PPO and GRPO never for a harness that samples nothing (option scoring)."""
+    gains, sampling = _gains(history), _sampling(ev, s)
+    sft = gains.get("sft", [])
+    no_gold = ev.accuracy is None
+    if sampling is not None and (no_gold or (sft and max(sft) <= 0)):
+        ppo = gains.get("ppo", [])
+        if ppo and max(ppo) <= 0 and not no_gold:
+            return _sft_or_dpo(ev, s, history, why_sft)
+        if costs.get("ppo", costs["grpo"]) > budget.minutes_left:
+            return _sft_or_dpo(
+                ev, s, history,
+                f"{why_sft} PPO (about {costs.get('ppo', costs['grpo']):.0f} min) does not fit "
+                f"the {budget.minutes_left:.0f} min left.",
+            )  # fmt: skip
+        reason = (
+            "the task scores episodes without a gold answer to imitate"
+            if no_gold
+            else f"SFT's {len(sft)} attempts on this run gained {max(sft):+.4g} on val at best"
+        )
+        why = (
+            f"PPO: one sample per instance, so no group for GRPO; {sampling}; {reason}: a "
+            "value baseline and token-level GAE credit every sampled call with the episode's "
+            "reward."
+        )
+        return "ppo", why, dict(s.ppo_settings)
+    return _sft_or_dpo(ev, s, history, why_sft)
+
+
 def _sft_or_dpo(
     ev: Evidence, s: OfflineFeedbackSettings, history: History | None, why_sft: str
 ) -> tuple[str, str, dict[str, Any]]:
@@ -346,25 +403,25 @@ def method_for(
     history: History | None = None,
 ) -> tuple[str, str, dict[str, Any]]:
     """GRPO when at least `grpo_min_groups` sampled groups exist, `grpo_variance_share` of them
-    vary, and GRPO fits the minutes left; otherwise SFT, or DPO once SFT has not paid on this
-    run (`_sft_or_dpo`). Never GRPO without variance."""
+    vary, and GRPO fits the minutes left; otherwise SFT, PPO or DPO (`_without_groups`). Never
+    GRPO without variance."""
     g = ev.groups
     share = g.share_with_variance
     if g.n_groups == 0 or share is None:
         why = "SFT: one sample per instance, so GRPO has no group to compare."
-        return _sft_or_dpo(ev, s, history, why)
+        return _without_groups(ev, budget, costs, s, history, why)
     if g.n_groups < s.grpo_min_groups or share < s.grpo_variance_share:
         why = (
             f"SFT: {share:.0%} of {g.n_groups} sampled groups have reward variance (GRPO "
             f"needs {s.grpo_variance_share:.0%} of at least {s.grpo_min_groups} groups)."
         )
-        return _sft_or_dpo(ev, s, history, why)
+        return _without_groups(ev, budget, costs, s, history, why)
     if costs["grpo"] > budget.minutes_left:
         why = (
             f"SFT: {share:.0%} of sampled groups have reward variance, but GRPO (about "
             f"{costs['grpo']:.0f} min) does not fit the {budget.minutes_left:.0f} min left."
         )
-        return _sft_or_dpo(ev, s, history, why)
+        return _without_groups(ev, budget, costs, s, history, why)
     why = (
         f"GRPO: {share:.0%} of {g.n_groups} sampled groups of up to {g.group_size} have "
         f"reward variance (mean {g.mean_variance or 0.0:.3g}), at or above "
