@@ -13,7 +13,9 @@ candidate, the gate's verdict, wall minutes of the weights attempt, training tok
 and what the offline Feedback-Agent would have chosen there and why.
 
 GRPO here learns from the options an option-scoring harness scored (one group per instance,
-reward 1 for gold), not from samples: neither template samples. JSON:
+reward 1 for gold), not from samples. PPO needs sampled tokens: its rows start from the task's
+chat template (the answer generated, then matched to the options), so their parent is another
+harness than the other rows' and the table says so. JSON:
 bench/results/methods.json, one row stored as it finishes; a finished row is not re-run.
 """
 
@@ -43,7 +45,11 @@ from sialoop.tasks import task_for
 
 RESULTS = Path(__file__).parent / "results" / "methods.json"
 RUNS = Path(__file__).parent / "results" / "methods-runs"
-METHODS = ("sft", "dpo", "grpo")
+METHODS = ("sft", "dpo", "grpo", "ppo")
+SRC = Path(__file__).resolve().parents[1] / "src" / "sialoop" / "tasks"
+# PPO learns from sampled tokens, which an option-scoring template has none of: its rows start
+# from each task's sampling (chat) template instead, so their parent differs from the others'.
+SAMPLING = {name: SRC / name / "templates" / "chat.py" for name in ("toy", "lawbench")}
 TASKS: dict[str, dict[str, Any]] = {
     "toy": {"split.val_size": 0, "split.holdout_size": 0, "loop.train_batch": 32},
     "lawbench": {"split.val_size": 150, "split.holdout_size": 0, "loop.train_batch": 48},
@@ -69,7 +75,7 @@ class OneMethod:
         return d.model_copy(
             update={
                 "lever": Lever.weights, "method": self.method,
-                "settings": {"group_size": 1} if self.method == "grpo" else {},
+                "settings": {},
                 "rationale": f"bench: weights with {self.method}",
                 "evidence": {**d.evidence, "offline_would": would},
             }
@@ -96,6 +102,8 @@ def run_row(name: str, method: str, test_size: int, console: Console) -> dict[st
         "task": name, "runs_dir": str(RUNS), "agents.feedback": f"bench-{method}",
         **COMMON, **TASKS[name],
     }  # fmt: skip
+    if method == "ppo":
+        overrides["harness"] = str(SAMPLING[name])
     cfg = load_config(None, overrides)
     task = task_for(cfg)
     run_id = f"{name}-{method}"
@@ -112,13 +120,16 @@ def run_row(name: str, method: str, test_size: int, console: Console) -> dict[st
     training = v1.detail.get("training", {})
     return {
         "task": name, "method": method, "status": v1.status,
+        "harness": "chat (sampling)" if method == "ppo" else "reference (option scoring)",
         "error": v1.detail.get("error"), "val_parent": val.get("v0"), "val": val.get("v1"),
         "test_parent": test.get("v0"), "test": test.get("v1"), "test_n": len(ids),
         "gate": (v1.detail.get("gate") or {}).get("reason"),
         "minutes": v1.detail.get("minutes"), "train_seconds": training.get("seconds"),
         "tokens_per_s": training.get("tokens_per_s"), "steps": training.get("steps"),
         "examples": training.get("examples"), "first_loss": training.get("first_loss"),
-        "last_loss": training.get("last_loss"),
+        "last_loss": training.get("last_loss"), "kl": training.get("kl"),
+        "logprob_gap": training.get("logprob_gap"),
+        "gate_n": (v1.detail.get("gate") or {}).get("n_paired"),
         "offline_would": d1.evidence.get("offline_would"),
         "wall_minutes": (time.monotonic() - started) / 60,
     }  # fmt: skip
@@ -168,6 +179,10 @@ def main() -> None:
             f"{_num(gain, '+.4f')}  {_num(r['minutes'], '.1f'):>6}  "
             f"{_num(r['tokens_per_s'], '.0f'):>5}   {would.get('lever')} {would.get('method') or ''}"
         )
+        if r.get("harness", "").startswith("chat"):
+            console.print(
+                "    harness: the task's chat template (samples its answer), not option scoring"
+            )
         if r["error"]:
             console.print(f"    error: {r['error'][:200]}")
         if would.get("rationale"):

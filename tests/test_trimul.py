@@ -325,27 +325,27 @@ def test_the_generator_harness_turns_proposals_into_programs(
     assert module.solve(inst.inputs, None)["settings"] == {}  # no policy: the template as is
 
 
-def test_a_two_generation_loop_runs_and_archives(
+def test_a_loop_generation_runs_and_archives(
     small_data: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch
 ):
     monkeypatch.setenv("SIALOOP_HOME", str(tmp_path / "home"))
     result = runner.invoke(app, [
         "run", "--task", "trimul", "--data", str(small_data), "--runs-dir", str(tmp_path),
         "--run-id", "t", "--set", f"policy.model='{tiny_model_dir}'",
-        "--set", "policy.dtype='float32'", "--set", "loop.generations=2",
+        "--set", "policy.dtype='float32'", "--set", "loop.generations=1",
         "--set", "loop.levers=['harness']", "--set", "train.max_steps=2",
         "--set", "loop.train_batch=4",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     store = Store.open(tmp_path / "t")
     versions = {v.version_id: v for v in store.versions()}
-    assert {"v0", "v1", "v2"} <= set(versions)
+    assert {"v0", "v1"} <= set(versions)
     for v in versions.values():
         assert (store.root / v.harness_path).is_file()
         if v.version_id != "v0":
             assert v.parent_id is not None and v.detail.get("diff"), v
     decisions = {d.generation: d for d in store.decisions()}
-    assert {1, 2} <= set(decisions) and all(d.rationale for d in decisions.values())
+    assert 1 in decisions and all(d.rationale for d in decisions.values())
     (v0_val,) = [e for e in store.evaluations("val") if e.version_id == "v0"]
     assert v0_val.value is not None and v0_val.direction == "higher" and v0_val.value > 0
     gated = [v.detail["gate"] for v in versions.values() if v.detail.get("gate")]

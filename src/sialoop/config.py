@@ -144,6 +144,12 @@ class TrainConfig(_Section):
     max_steps: int = Field(default=24, ge=1)
     max_len: int = Field(default=640, ge=16)
     checkpoint_every: int = Field(default=10, ge=0)
+    kl_coef: float = Field(default=0.04, ge=0)  # GRPO and PPO: the KL to the starting policy
+    beta: float = Field(default=0.1, gt=0)  # DPO
+    gamma: float = Field(default=1.0, ge=0, le=1)  # PPO: the discount over completion tokens
+    lam: float = Field(default=0.95, ge=0, le=1)  # PPO: GAE's lambda
+    clip: float = Field(default=0.2, gt=0, lt=1)  # PPO: the ratio's clip range
+    vf_coef: float = Field(default=0.1, ge=0)  # PPO: the value loss's weight
 
 
 class RunConfig(_Section):

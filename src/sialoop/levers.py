@@ -359,6 +359,9 @@ class WeightsLever:
                 "max_steps": t.max_steps,
                 "max_len": t.max_len,
                 "checkpoint_every": t.checkpoint_every,
+                **{
+                    k: getattr(t, k) for k in ("kl_coef", "beta", "gamma", "lam", "clip", "vf_coef")
+                },
                 "seed": cfg.seed + attempt,
                 "dtype": resolve_dtype(cfg.policy.dtype),
                 "init_adapter": str(init) if init is not None and init.is_dir() else None,
