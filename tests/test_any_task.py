@@ -165,6 +165,7 @@ def test_a_three_generation_loop_runs_on_each_kind_of_task(finished):
     assert report.exit_code == 0 and '"best_holdout"' in report.output
 
 
+@pytest.mark.slow  # fast-suite kill/resume: test_generations (toy) and test_train (each method)
 def test_sigkill_during_a_program_task_then_resume(tmp_path: Path, tiny_model_dir: Path):
     args = [
         *_args(tmp_path, tiny_model_dir, "k", "sortcost", "--no-test"),

@@ -325,6 +325,7 @@ def test_the_generator_harness_turns_proposals_into_programs(
     assert module.solve(inst.inputs, None)["settings"] == {}  # no policy: the template as is
 
 
+@pytest.mark.slow  # the fast suite's program-task loops: sortcost (test_any_task), denoise
 def test_a_loop_generation_runs_and_archives(
     small_data: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch
 ):
