@@ -28,7 +28,7 @@ from typing import Any
 
 from sialoop.records import LLMCall, Trajectory
 from sialoop.store import Store
-from sialoop.tasks.base import Instance, Task
+from sialoop.tasks.base import Instance, Metric, Task
 from sialoop.train.base import TrainError, TrainExample
 
 log = logging.getLogger(__name__)
@@ -171,13 +171,13 @@ def _option_group(traj: Trajectory, calls: list[LLMCall], gold: str) -> list[Tra
 
 
 def _sample_member(
-    traj: Trajectory, calls: list[LLMCall], gold: str, group: str, sign: float = 1.0
+    traj: Trajectory, calls: list[LLMCall], gold: str, group: str, metric: Metric
 ) -> TrainExample | None:
     """One sampled trajectory as a group member: its chosen option, else its last generation;
-    its reward is the score in the metric's direction (`sign` -1: lower is better)."""
+    its reward is the score in the metric's direction."""
     output = answer_text(traj.output)
     found = decisive_set(calls, output, gold)
-    reward = sign * traj.score.value if traj.score and traj.score.value is not None else 0.0
+    reward = (metric.oriented(traj.score.value) if traj.score else None) or 0.0
     if found is not None and output in found.options:
         prompt, completion = found.prefix, output + found.suffix
     else:
@@ -219,7 +219,7 @@ def grpo_groups(store: Store, task: Task, version_id: str) -> list[TrainExample]
         if len({t.sample for t in trajectories}) > 1:
             group = f"{version_id}/{instance_id}"
             members = [
-                _sample_member(t, store.llm_calls(t.trajectory_id), gold, group, task.metric.sign)
+                _sample_member(t, store.llm_calls(t.trajectory_id), gold, group, task.metric)
                 for t in trajectories
             ]
             out += [m for m in members if m is not None]
@@ -274,7 +274,7 @@ def dpo_pairs(store: Store, task: Task, version_id: str) -> list[TrainExample]:
                 for t in trajectories
                 if (
                     m := _sample_member(
-                        t, store.llm_calls(t.trajectory_id), gold, group, task.metric.sign
+                        t, store.llm_calls(t.trajectory_id), gold, group, task.metric
                     )
                 )
             ]
@@ -333,7 +333,7 @@ def ppo_episodes(store: Store, task: Task, version_id: str) -> list[TrainExample
                 TrainExample(
                     prompt=c.prompt if isinstance(c.prompt, str) else "",
                     completion=c.completion or "?",
-                    reward=task.metric.sign * traj.score.value,
+                    reward=task.metric.oriented(traj.score.value),
                     group=traj.trajectory_id,
                     prompt_ids=tuple(c.prompt_token_ids),
                     completion_ids=tuple(c.completion_token_ids),
