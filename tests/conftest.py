@@ -11,3 +11,15 @@ from sialoop.policy import model_files
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Gemma 3 (sliding window 16) built once per test session."""
     return model_files.tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Debian Chromium for the session's browser tests (tests/browser.py)."""
+    from browser import browser_missing, chromium
+
+    why = browser_missing()
+    if why:
+        pytest.fail(f"{why}: the dashboard's browser tests need them")
+    with chromium() as driver:
+        yield driver

@@ -7,6 +7,7 @@ reaches the provider and nothing else."""
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from scripted_llm import Step, scripted_llm
@@ -36,9 +37,12 @@ def _n_examples_edit(body: dict) -> str:
     )
 
 
-def test_canary_test_label_is_never_seen(tmp_path: Path, tiny_model_dir: Path, monkeypatch):
-    monkeypatch.setenv("SCRIPTED_KEY", KEY)
-    with scripted_llm() as server:
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory, tiny_model_dir: Path):
+    """The run (its store and the agent requests the scripted provider saw)."""
+    tmp_path = tmp_path_factory.mktemp("honesty")
+    with pytest.MonkeyPatch.context() as monkeypatch, scripted_llm() as server:
+        monkeypatch.setenv("SCRIPTED_KEY", KEY)
         agent = {
             "provider": "openai", "base_url": server.url + "/v1", "model": "scripted",
             "key_env": "SCRIPTED_KEY", "timeout_s": 5, "backoff_s": 0.01,
@@ -63,6 +67,11 @@ def test_canary_test_label_is_never_seen(tmp_path: Path, tiny_model_dir: Path, m
         store = new_run(cfg, task, "r")
         drive(store, task, cfg, Console(quiet=True), RunLock(store.root, "run").acquire())
         requests = list(server.requests)
+    return store, task, requests
+
+
+def test_canary_test_label_is_never_seen(honest_run):
+    store, task, requests = honest_run
     assert store.run_info().status == "finished"
     assert store.evaluations("test"), "the evaluator scored test"
     assert all(t.score is not None for t in store.trajectories(split="test"))
@@ -103,3 +112,137 @@ def test_canary_test_label_is_never_seen(tmp_path: Path, tiny_model_dir: Path, m
     v3 = versions["v3"]
     assert v3.detail["llm"]["fallback"] == "offline" and "knobs" in v3.detail
     assert v3.note.startswith("offline Meta-Agent") and v3.status != "broken"
+
+
+SECRET = "sk-dashboard-canary-31f"
+PLANTED = "planted-label-9c2e"
+
+
+def _everything(client, run: str) -> str:
+    """Every response the dashboard's API gives for `run`, concatenated."""
+    parts = [client.get("/api/runs").text, client.get(f"/api/runs/{run}/summary").text]
+    summary = client.get(f"/api/runs/{run}/summary").json()
+    for g in sorted({v["generation"] for v in summary["versions"]}):
+        parts.append(client.get(f"/api/runs/{run}/generations/{g}").text)
+    offset = 0
+    while True:
+        page = client.get(f"/api/runs/{run}/trajectories", params={"offset": offset, "limit": 500})
+        parts.append(page.text)
+        for t in page.json()["items"]:
+            parts.append(client.get(f"/api/runs/{run}/trajectories/{t['id']}").text)
+        offset += 500
+        if offset >= page.json()["total"]:
+            return "\n".join(parts)
+
+
+def test_the_dashboard_shows_the_run_live_and_exported(honest_run, browser, tmp_path: Path):
+    """The LLM agents' answer-task run in a real browser: one point per candidate, the SFT
+    candidate's loss curve, a harness diff, a trajectory's calls as a token heat map, a new
+    generation appearing live, and the exported file; neither the API nor the file shows a
+    secret from the config or a label a test score carries."""
+    import shutil
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from browser import console_errors, rendered, serve, wait_for
+    from sialoop.cli import app
+    from sialoop.records import Decision, Score, Trajectory, Version
+    from sialoop.store import Store
+
+    store = honest_run[0]
+    root = tmp_path / "runs" / "r"
+    shutil.copytree(store.root, root)
+    copy = Store.open(root)
+    config = copy.run_info().config
+    config["agents"]["meta"]["api_key"] = SECRET
+    copy.set_run_config(config)
+    copy.add_trajectory(
+        Trajectory(run_id="r", version_id="v0", split="test", instance_id="planted", output="x",
+                   score=Score(value=1.0, correct=True, detail={"gold": PLANTED}), seconds=0.1)
+    )  # fmt: skip
+    versions = copy.versions()
+    trajectories = copy.trajectories()
+
+    with serve(root.parent) as url:
+        client = httpx.Client(base_url=url, timeout=60)
+        everything = _everything(client, "r")
+        assert SECRET not in everything and PLANTED not in everything and KEY not in everything
+        assert CANARY not in everything
+        summary = client.get("/api/runs/r/summary").json()
+        assert [v["version"] for v in summary["versions"]] == [v.version_id for v in versions]
+        assert [v["status"] for v in summary["versions"]] == [v.status for v in versions]
+        assert sum(c["n"] for c in summary["trajectory_counts"]) == len(trajectories)
+        ids, offset = [], 0  # pages of 7 give every trajectory once, in the store's order
+        while offset < len(trajectories):
+            page = client.get("/api/runs/r/trajectories", params={"offset": offset, "limit": 7})
+            ids += [t["id"] for t in page.json()["items"]]
+            offset += 7
+        assert ids == [t.trajectory_id for t in trajectories]
+        wrong = client.get("/api/runs/r/trajectories", params={"split": "val", "correct": False})
+        expected = [
+            t for t in trajectories if t.split == "val" and t.score and t.score.correct is False
+        ]
+        assert wrong.json()["total"] == len(expected) > 0
+        gen1 = client.get("/api/runs/r/generations/1").json()
+        (sft,) = [c for c in gen1["candidates"] if c["training"]]
+        assert sft["training"]["losses"] == copy.version("v1").detail["training"]["losses"]
+        assert sft["adapter_files"] and gen1["agent_calls"]
+        gen2 = client.get("/api/runs/r/generations/2").json()
+        assert gen2["candidates"][0]["diff"] == copy.version("v2").detail["diff"]
+        assert client.get("/api/runs/..%2Fr/summary").status_code == 404
+
+        browser.get(url + "#/run/r")
+        rendered(browser, "run")
+        points = browser.find_elements("css selector", "#score-chart .pt")
+        assert sorted(p.get_attribute("data-version") for p in points) == sorted(
+            v.version_id for v in versions
+        )
+        assert {p.get_attribute("data-status") for p in points} >= {"accepted", "broken"}
+        browser.get(url + "#/run/r/gen/1")
+        rendered(browser, "generation")
+        assert browser.find_elements("css selector", "svg[aria-label=loss] path.series")
+        browser.get(url + "#/run/r/gen/2")
+        rendered(browser, "generation")
+        assert browser.find_elements("css selector", "pre.diff span.add")
+        assert browser.find_elements("css selector", "pre.diff span.del")
+        with_calls = next(t for t in trajectories if copy.llm_calls(t.trajectory_id))
+        calls = copy.llm_calls(with_calls.trajectory_id)
+        browser.get(url + f"#/run/r/t/{with_calls.trajectory_id}")
+        rendered(browser, "trajectory")
+        assert len(browser.find_elements("css selector", ".llm-call")) == len(calls)
+        tokens = sum(len(c.prompt_token_ids) + len(c.completion_token_ids) for c in calls)
+        assert len(browser.find_elements("css selector", ".heat span")) == min(
+            tokens, 4000 * len(calls)
+        )
+        assert calls[0].completion in browser.find_element("css selector", ".llm-call").text
+
+        # live: a new generation written to the store appears without a reload
+        browser.get(url + "#/run/r")
+        rendered(browser, "run")
+        marker = browser.execute_script("return window.performance.timeOrigin")
+        copy.put_version(Version(version_id="v9", run_id="r", parent_id="v0", generation=4,
+                                 harness_path=versions[0].harness_path, note="written live"))  # fmt: skip
+        copy.add_decision(Decision(run_id="r", generation=4, lever="harness", rationale="live one"))
+        wait_for(
+            browser,
+            lambda d: len(d.find_elements("css selector", "#score-chart .pt")) == len(versions) + 1,
+        )
+        assert "live one" in browser.find_element("css selector", "#decisions").text
+        assert browser.execute_script("return window.performance.timeOrigin") == marker  # no reload
+        assert not console_errors(browser)
+
+    result = CliRunner().invoke(app, ["report", str(root), "--html", "--max-trajectories", "5"])
+    assert result.exit_code == 0, result.output
+    left_out = len(trajectories) - 5
+    assert f"5 trajectories ({left_out} left out)" in result.output
+    html = (root / "report.html").read_text()
+    assert SECRET not in html and PLANTED not in html and KEY not in html
+    browser.get((root / "report.html").as_uri())
+    rendered(browser, "run")
+    assert len(browser.find_elements("css selector", "#score-chart .pt")) == len(versions) + 1
+    browser.get((root / "report.html").as_uri() + "#/run/r/traj")
+    rendered(browser, "trajectories")
+    assert f"{left_out} are left out" in browser.find_element("css selector", "main").text
+    assert len(browser.find_elements("css selector", "#trajectories tbody tr")) == 5
+    assert not console_errors(browser)

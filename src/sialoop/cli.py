@@ -1,4 +1,4 @@
-"""The `sialoop` command line: run, resume, eval, report, runs, doctor, tasks."""
+"""The `sialoop` command line: run, resume, eval, report, runs, web, doctor, tasks."""
 
 from __future__ import annotations
 
@@ -238,12 +238,35 @@ def eval_(
 def report(
     run_dir: RunDirArg,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    html: Annotated[
+        bool, typer.Option("--html", help="write the dashboard's pages as one HTML file")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="the HTML file (default RUN/report.html)")
+    ] = None,
+    max_trajectories: Annotated[
+        int, typer.Option(help="--html: trajectories sampled into the file")
+    ] = 300,
+    max_mb: Annotated[float, typer.Option(help="--html: the file's size cap in MB")] = 20.0,
 ) -> None:
-    """Versions, splits, scores, n and seconds of a run."""
+    """Versions, splits, scores, n and seconds of a run (`--html`: a shareable file)."""
     from sialoop.report import report_data, report_table
     from sialoop.store import Store
 
-    data = report_data(Store.open(run_dir))
+    store = Store.open(run_dir)
+    if html:
+        from sialoop.web.export import export_html
+
+        page, counts = export_html(run_dir, max_trajectories, int(max_mb * 1_000_000))
+        target = out or run_dir / "report.html"
+        target.write_text(page, encoding="utf-8")
+        console.print(
+            f"wrote {target} ({len(page.encode()) / 1e6:.1f} MB): every generation, "
+            f"{counts['stored']} trajectories ({counts['left_out']} left out)",
+            highlight=False,
+        )
+        return
+    data = report_data(store)
     if as_json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
     else:
@@ -319,6 +342,35 @@ def run_rows(folder: Path) -> list[list[str]]:
 
     found = [_run_row(d) for d in folder.iterdir() if (d / DB_NAME).is_file()]
     return [cells for _, cells in sorted(found, key=lambda row: row[0])]
+
+
+@app.command()
+@one_line_errors
+def web(
+    runs_dir: Annotated[
+        Path, typer.Argument(help="a folder of runs, or one run directory")
+    ] = Path("runs"),
+    port: Annotated[int, typer.Option(help="the port to listen on")] = 8765,
+    host: Annotated[
+        str,
+        typer.Option(help="the address to bind; anything but 127.0.0.1 exposes your runs"),
+    ] = "127.0.0.1",
+) -> None:
+    """A dashboard of the runs in RUNS_DIR at http://127.0.0.1:PORT (read-only, live)."""
+    import uvicorn
+
+    from sialoop.web.app import create_app
+
+    if not runs_dir.is_dir():
+        raise ConfigError(f"{runs_dir} is not a folder: pass a runs folder (`sialoop web DIR`)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]warning:[/] binding {host}: anyone who can reach this machine on port "
+            f"{port} can read these runs (prompts, outputs, configs)",
+            highlight=False,
+        )
+    console.print(f"sialoop web: http://{host}:{port}/ showing {runs_dir}", highlight=False)
+    uvicorn.run(create_app(runs_dir), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""The dashboard: `sialoop web` and `sialoop report --html`."""
