@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: setup model run test test-slow lint bench clean
+.PHONY: setup browser model run test test-slow lint bench clean
 
 $(BIN)/python:
 	$(shell command -v $(PY) >/dev/null 2>&1 && echo $(PY) || echo python3) -m venv $(VENV)
@@ -36,12 +36,24 @@ model: setup
 run: model
 	$(BIN)/sialoop run --task lawbench $(ARGS)
 
-test: setup
+# The dashboard's browser tests drive Debian's Chromium and ChromeDriver (never a downloaded one).
+browser:
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	      echo "sialoop: could not install chromium; the dashboard's browser tests will fail"; \
+	  else \
+	    echo "sialoop: the browser tests need /usr/bin/chromium and /usr/bin/chromedriver:"; \
+	    echo "  sudo apt-get install -y chromium chromium-driver"; \
+	  fi; }
+
+test: setup browser
 	$(BIN)/python -c "from sialoop.policy.model_files import tokenizer_dir as t; print(t())"
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q
 
-test-slow: model
+test-slow: model browser
 	$(BIN)/pytest -q -m slow
 
 bench: model

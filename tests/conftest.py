@@ -14,7 +14,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def browser():
+def _chromium():
     """One headless Debian Chromium for the session's browser tests (tests/browser.py)."""
     from browser import browser_missing, chromium
 
@@ -23,3 +23,13 @@ def browser():
         pytest.fail(f"{why}: the dashboard's browser tests need them")
     with chromium() as driver:
         yield driver
+
+
+@pytest.fixture
+def browser(_chromium):
+    """The session's Chromium on a blank page with an empty console, and left on one (so no
+    page keeps polling a server that a test has stopped)."""
+    _chromium.get("about:blank")
+    _chromium.get_log("browser")
+    yield _chromium
+    _chromium.get("about:blank")

@@ -236,3 +236,49 @@ def test_k_samples_make_groups_and_grpo_trains(tmp_path: Path, tiny_model_dir: P
     v1 = store.version("v1")
     assert v1.detail["training"]["method"] == "grpo" and v1.detail["training"]["steps"] == 2
     assert v1.status in ("accepted", "rejected")
+
+
+def test_the_dashboard_reads_each_kind_of_run(finished, browser):
+    """`sialoop web RUN` on each kind: the API agrees with the store and with `report`, and the
+    pages render in Chromium: one point per candidate, the broken candidate with its error,
+    the harness program and a trajectory's measured figures."""
+    import httpx
+
+    from browser import console_errors, rendered, serve
+    from sialoop.report import report_data
+
+    _name, store = finished
+    versions, trajectories = store.versions(), store.trajectories()
+    with serve(store.root) as url:  # one run directory: the dashboard shows that run only
+        client = httpx.Client(base_url=url, timeout=60)
+        assert [r["dir"] for r in client.get("/api/runs").json()] == ["r"]
+        summary = client.get("/api/runs/r/summary").json()
+        report = report_data(store)
+        assert summary["best"] == report["best"] and summary["best_test"] == report["best_test"]
+        assert summary["direction"] == store.evaluations("val")[0].direction
+        assert [(v["version"], v["status"]) for v in summary["versions"]] == [
+            (v.version_id, v.status) for v in versions
+        ]
+        by_kind = {e["kind"]: e["count"] for e in summary["errors"]}
+        assert by_kind == {e["kind"]: e["count"] for e in report["errors"]}
+        failed = client.get("/api/runs/r/trajectories", params={"error": "any"}).json()
+        assert failed["total"] == sum(t.error is not None for t in trajectories)
+        (v2,) = [v for v in summary["versions"] if v["version"] == "v2"]
+        assert v2["status"] == "broken" and "weights lever failed" in v2["error"]
+
+        browser.get(url + "#/run/r")
+        rendered(browser, "run")
+        assert len(browser.find_elements("css selector", "#score-chart .pt")) == len(versions)
+        assert len(browser.find_elements("css selector", "#cost-chart .pt")) == len(versions)
+        assert "weights lever failed" in browser.find_element("css selector", "#versions").text
+        browser.get(url + "#/run/r/gen/1")
+        rendered(browser, "generation")
+        program = store.path(store.version("v1").harness_path).read_text()
+        shown = browser.find_element("css selector", "details.program pre")
+        assert shown.get_attribute("textContent") == program
+        val = next(t for t in trajectories if t.split == "val" and t.score is not None)
+        browser.get(url + f"#/run/r/t/{val.trajectory_id}")
+        rendered(browser, "trajectory")
+        text = browser.find_element("css selector", "main").text
+        assert all(str(k) in text for k in val.score.detail), val.score.detail
+        assert not console_errors(browser)

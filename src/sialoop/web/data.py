@@ -257,7 +257,7 @@ class RunReader:
                     "adapter_files": self._adapter_files(v) if training else [],
                     "scores": scores.get(v["version_id"], {}),
                     "detail_keys": sorted(detail),
-                    "program": self._harness_source(v) if not detail.get("diff") else None,
+                    "program": None if training else self._harness_source(v),
                 }
             )
         return {

@@ -71,6 +71,7 @@
       $app.innerHTML = html;
       if (quiet) window.scrollTo(0, y);
       bind(r);
+      document.body.dataset.renderedMs = String(Math.round(performance.now()));
       document.body.dataset.rendered = r.page;
     } catch (err) {
       if (token !== renderToken) return;
@@ -219,7 +220,8 @@
       <td>${Object.entries(e.where).map(([w, c]) => `${esc(w)} ${c}`).join(", ")}</td><td class="note">${esc(e.example || "")}</td></tr>`).join("")}</tbody></table>` : `<p class="muted">No trajectory failed.</p>`;
     const counts = s.trajectory_counts.map((c) => `<tr class="clickable" data-href="#/run/${enc(r.run)}/traj?version=${enc(c.version)}&split=${enc(c.split)}">
       <td>${esc(c.version)}</td><td>${esc(c.split)}</td><td class="num">${c.n}</td><td class="num">${c.errors}</td><td class="num">${num(c.mean_score)}</td></tr>`).join("");
-    const progress = s.status === "running" && s.progress.length ? `<div class="card" id="progress"><h2>Progress</h2><pre>${esc(s.progress.slice(-8).join("\n"))}</pre></div>` : "";
+    const progress = s.status === "running" && s.progress.length ? `<div class="card" id="progress"><h2>Progress</h2><pre>
+${esc(s.progress.slice(-8).join("\n"))}</pre></div>` : "";
     return `<h1>Run ${esc(s.run_id)}</h1><div class="card">${figures(s)}</div>
       <div class="grid"><div class="card" id="score-chart"><h2>Val score per generation</h2>${generationChart(s, "value", s.metric || "score")}${legend()}</div>
       <div class="card" id="cost-chart"><h2>Cost per item</h2>${generationChart(s, "seconds", "seconds per item")}<p class="note">Harness seconds per val item; the line follows the incumbent.</p></div></div>${progress}
@@ -242,9 +244,9 @@
   }
 
   function kv(obj, skip) {
-    const rows = Object.entries(obj || {}).filter(([k, v]) => !(skip || []).includes(k) && v !== null && v !== undefined && v !== "");
+    const rows = Object.entries(obj || {}).filter(([k, v]) => !(skip || []).includes(k) && v !== undefined);
     if (!rows.length) return `<p class="muted">none</p>`;
-    return `<dl class="kv">${rows.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${typeof v === "object" ? `<code>${esc(JSON.stringify(v))}</code>` : typeof v === "number" ? esc(C.fmt(v)) : esc(v)}</dd>`).join("")}</dl>`;
+    return `<dl class="kv">${rows.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${v === null ? `<span class="muted">none</span>` : typeof v === "object" ? `<code>${esc(JSON.stringify(v))}</code>` : typeof v === "number" ? esc(C.fmt(v)) : esc(v)}</dd>`).join("")}</dl>`;
   }
 
   function gateView(g) {
@@ -261,7 +263,7 @@
     const curves = [{ name: "loss", values: t.losses || [] }];
     for (const [name, values] of Object.entries(t.curves || {})) curves.push({ name, values });
     const scalars = {};
-    for (const k of ["method", "steps", "examples", "seconds", "first_loss", "last_loss", "mean_reward", "kl", "value_loss", "clip_fraction", "logprob_gap", "tokens_per_s", "groups", "skipped_groups", "resumed_from_step"]) scalars[k] = t[k];
+    for (const k of ["method", "steps", "examples", "seconds", "first_loss", "last_loss", "mean_reward", "kl", "value_loss", "clip_fraction", "logprob_gap", "tokens_per_s", "groups", "skipped_groups", "resumed_from_step"]) if (t[k] !== null && t[k] !== undefined) scalars[k] = t[k];
     const adapter = files.length ? `<h3>Adapter</h3><table><tbody>${files.map((f) => `<tr><td><code>${esc(f.path)}</code></td><td class="num">${(f.bytes / 1024).toFixed(1)} KiB</td></tr>`).join("")}</tbody></table>` : "";
     return `<h3>Training</h3><div class="grid"><div>${curves.map((c) => c.values.length ? C.lines({ series: [c], label: c.name }) : "").join("") || `<p class="muted">no steps stored</p>`}</div><div>${kv(scalars)}</div></div>${adapter}`;
   }
@@ -272,16 +274,21 @@
     const decisions = g.decisions.map((d) => `<div class="card decision"><h2>Decision: ${esc(d.lever)}${d.method ? " · " + esc(d.method) : ""}</h2>
       <p>${esc(d.rationale)}</p><h3>Evidence it cites</h3>${kv(d.evidence)}${Object.keys(d.settings || {}).length ? `<h3>Settings</h3>${kv(d.settings)}` : ""}</div>`).join("");
     const cands = g.candidates.map((c) => `<div class="card candidate" data-version="${esc(c.version)}"><h2>${esc(c.version)} ${badge(c.status)} <span class="note">parent ${esc(c.parent || "–")} · adapter ${esc(c.adapter)}</span></h2>
-      ${c.error ? `<pre class="error">${esc(c.error)}</pre>` : ""}${c.note ? `<p>${esc(c.note)}</p>` : ""}${c.why ? `<p class="note">why: ${esc(c.why)}</p>` : ""}
+      ${c.error ? `<pre class="error">
+${esc(c.error)}</pre>` : ""}${c.note ? `<p>${esc(c.note)}</p>` : ""}${c.why ? `<p class="note">why: ${esc(c.why)}</p>` : ""}
       ${c.knobs ? `<h3>Knobs</h3>${kv(c.knobs)}` : ""}
       ${c.training ? trainingView(c.training, c.adapter_files) : `<h3>Diff against ${esc(c.parent || "nothing")}</h3>${diffView(c.diff)}`}
-      ${c.program && !c.diff && !c.training ? `<details><summary>the program</summary><pre>${esc(c.program)}</pre></details>` : ""}
+      ${c.program ? `<details class="program"><summary>the harness program (${c.program.split("\n").length} lines)</summary><pre>
+${esc(c.program)}</pre></details>` : ""}
       <h3>Gate</h3>${gateView(c.gate)}
       <h3>Scores</h3><table><thead><tr><th>split</th><th class="num">value</th><th class="num">n</th><th class="num">errors</th><th class="num">s/item</th><th class="num">tok/item</th></tr></thead><tbody>
       ${Object.entries(c.scores).map(([split, sc]) => `<tr class="clickable" data-href="#/run/${enc(r.run)}/traj?version=${enc(c.version)}&split=${enc(split === "holdout" ? "val" : split)}"><td>${esc(split)}</td><td class="num">${num(sc.value)}</td><td class="num">${sc.n}</td><td class="num">${sc.errors}</td><td class="num">${num(sc.seconds_per_item, 3)}</td><td class="num">${num(sc.tokens_per_item, 0)}</td></tr>`).join("")}</tbody></table>
       </div>`).join("");
     const calls = g.agent_calls.length ? `<div class="card"><h2>Agent calls</h2>${g.agent_calls.map((a) => `<details><summary>${esc(a.role)} · ${esc(a.purpose)} · ${esc(a.provider)} ${esc(a.model)} · ${a.prompt_tokens ?? "?"}+${a.completion_tokens ?? "?"} tokens · ${num(a.seconds, 1)} s${a.error ? " · failed" : ""}</summary>
-      ${a.error ? `<pre class="error">${esc(a.error)}</pre>` : ""}${a.messages.map((m) => `<h3>${esc(m.role)}</h3><pre>${esc(m.content)}</pre>`).join("")}<h3>response</h3><pre>${esc(a.response)}</pre></details>`).join("")}</div>` : "";
+      ${a.error ? `<pre class="error">
+${esc(a.error)}</pre>` : ""}${a.messages.map((m) => `<h3>${esc(m.role)}</h3><pre>
+${esc(m.content)}</pre>`).join("")}<h3>response</h3><pre>
+${esc(a.response)}</pre></details>`).join("")}</div>` : "";
     const nav = `<p>${r.gen > 0 ? `<a href="#/run/${enc(r.run)}/gen/${r.gen - 1}">← generation ${r.gen - 1}</a> · ` : ""}<a href="#/run/${enc(r.run)}/gen/${r.gen + 1}">generation ${r.gen + 1} →</a></p>`;
     return `<h1>Generation ${r.gen}</h1>${nav}${decisions || `<p class="muted">No decision stored for this generation.</p>`}${cands}${calls}`;
   }
@@ -324,12 +331,17 @@
     crumbs([["runs", "#/"], [r.run, `#/run/${enc(r.run)}`], ["trajectories", `#/run/${enc(r.run)}/traj?version=${enc(t.version_id)}`], [t.trajectory_id]]);
     const score = t.score ? `<div class="figures"><div>score<b>${num(t.score.value)}</b></div><div>correct<b>${t.score.correct === null || t.score.correct === undefined ? "–" : t.score.correct ? "✓" : "✗"}</b></div></div>${kv(t.score.detail)}` : `<p class="muted">No score.</p>`;
     const calls = t.llm_calls.map((c, i) => `<div class="card llm-call"><h3>call ${i + 1}: ${esc(c.endpoint)} · adapter ${esc(c.adapter)} · ${c.prompt_tokens}+${c.completion_tokens} tokens · ${num(c.latency_s, 2)} s</h3>
-      <p class="note">${esc(JSON.stringify(c.params))}</p><h3>prompt</h3><pre>${esc(c.prompt)}</pre><h3>completion</h3><pre>${esc(c.completion)}</pre><h3>tokens</h3>${heat(c)}</div>`).join("");
+      <p class="note">${esc(JSON.stringify(c.params))}</p><h3>prompt</h3><pre>
+${esc(c.prompt)}</pre><h3>completion</h3><pre>
+${esc(c.completion)}</pre><h3>tokens</h3>${heat(c)}</div>`).join("");
     return `<h1>Trajectory ${esc(t.trajectory_id)}</h1><div class="card"><dl class="kv"><dt>version</dt><dd>${esc(t.version_id)}</dd><dt>split</dt><dd>${esc(t.split)}</dd>
       <dt>instance</dt><dd>${esc(t.instance_id)}${t.sample ? " sample " + t.sample : ""}</dd><dt>seconds</dt><dd>${num(t.seconds, 3)}</dd><dt>tokens</dt><dd>${t.tokens ?? "–"}</dd><dt>attempts</dt><dd>${t.attempts}</dd></dl></div>
-      ${t.error ? `<div class="card"><h2 class="error">Error: ${esc(t.error.kind)}${t.error.infra ? " (the machine's)" : ""}</h2><pre>${esc(t.error.message)}</pre></div>` : ""}
-      <div class="grid"><div class="card"><h2>Output</h2><pre>${esc(t.output)}</pre></div><div class="card"><h2>Score</h2>${score}</div></div>
-      ${t.logs ? `<div class="card"><h2>Logs</h2><pre>${esc(t.logs)}</pre></div>` : ""}
+      ${t.error ? `<div class="card"><h2 class="error">Error: ${esc(t.error.kind)}${t.error.infra ? " (the machine's)" : ""}</h2><pre>
+${esc(t.error.message)}</pre></div>` : ""}
+      <div class="grid"><div class="card"><h2>Output</h2><pre>
+${esc(t.output)}</pre></div><div class="card"><h2>Score</h2>${score}</div></div>
+      ${t.logs ? `<div class="card"><h2>Logs</h2><pre>
+${esc(t.logs)}</pre></div>` : ""}
       <h2>LLM calls (${t.llm_calls.length})</h2>${calls || `<p class="muted">This trajectory made no LLM call.</p>`}`;
   }
 
