@@ -105,11 +105,15 @@ class RunReader:
                 for table in ("versions", "trajectories", "evaluations", "decisions", "llm_calls")
             }
             record = db.execute("SELECT status, record FROM runs").fetchone()
+            statuses = ",".join(
+                f"{vid}={status}"
+                for vid, status in db.execute(
+                    "SELECT version_id, status FROM versions ORDER BY version_id"
+                )
+            )
         status, _ = observed_status(self.root, record[0], None)
         log = self.root / "console.log"
         size = log.stat().st_size if log.is_file() else 0
-        versions = self._records("SELECT record FROM versions")
-        statuses = ",".join(sorted(f"{v['version_id']}={v['status']}" for v in versions))
         parts = [status, statuses, size, *(f"{c[0]}:{c[1]}" for c in counts.values())]
         return {"stamp": "|".join(map(str, parts)), "status": status}
 
@@ -120,9 +124,7 @@ class RunReader:
         decisions = self._records("SELECT record FROM decisions ORDER BY generation, rowid")
         evaluations = self._records("SELECT record FROM evaluations ORDER BY created_at, rowid")
         by_generation = {d["generation"]: d for d in decisions}
-        scores: dict[str, dict[str, Any]] = {}
-        for e in evaluations:  # the latest evaluation of each (version, split)
-            scores.setdefault(e["version_id"], {})[e["split"]] = _score(e)
+        scores = _latest_scores(evaluations)
         metric = next((e for e in evaluations if e["split"] != "test"), None) or next(
             iter(evaluations), None
         )
@@ -142,7 +144,9 @@ class RunReader:
             *(r["created_at"] for r in versions + decisions + evaluations),
         ]
         with self._db() as db:
-            last_trajectory = db.execute("SELECT max(json_extract(record, '$.created_at')) FROM trajectories WHERE rowid = (SELECT max(rowid) FROM trajectories)").fetchone()[0]
+            last_trajectory = db.execute(
+                "SELECT max(json_extract(record, '$.created_at')) FROM trajectories WHERE rowid = (SELECT max(rowid) FROM trajectories)"
+            ).fetchone()[0]
         if last_trajectory:
             stamps.append(last_trajectory)
         best_scores = scores.get(best["version_id"], {}) if best else {}
@@ -229,9 +233,7 @@ class RunReader:
         if not decisions and not versions:
             raise RunNotFound(f"run {self.root.name} has no generation {generation}")
         evaluations = self._records("SELECT record FROM evaluations ORDER BY created_at, rowid")
-        scores: dict[str, dict[str, Any]] = {}
-        for e in evaluations:
-            scores.setdefault(e["version_id"], {})[e["split"]] = _score(e)
+        scores = _latest_scores(evaluations)
         calls = self._records(
             "SELECT record FROM agent_calls WHERE json_extract(record, '$.generation') = ? "
             "ORDER BY rowid",
@@ -371,6 +373,14 @@ class RunReader:
         )
         tokenizer = _tokenizer(_model(self.info()["config"]))
         return t | {"llm_calls": [_call(c, tokenizer) for c in calls]}
+
+
+def _latest_scores(evaluations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{version: {split: score}} from evaluations in time order: each split's latest one."""
+    scores: dict[str, dict[str, Any]] = {}
+    for e in evaluations:
+        scores.setdefault(e["version_id"], {})[e["split"]] = _score(e)
+    return scores
 
 
 def _score(e: dict[str, Any]) -> dict[str, Any]:
