@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -352,6 +353,10 @@ def test_training_resumes_after_sigkill(name, model_dir: Path, backend: HFBacken
 
     straight = trainer.train(model_dir, examples, tmp_path / "straight", settings, LORA)
     assert summary.losses == pytest.approx(straight.losses, rel=1e-3, abs=1e-4)
+    # the per-step curves survive the kill too: whole, and equal to the run that was not killed
+    assert summary.curves.keys() == straight.curves.keys()
+    for name, curve in summary.curves.items():
+        assert len(curve) == 10 and curve == pytest.approx(straight.curves[name], abs=1e-3), name
     with pytest.raises(TrainError, match="other settings"):
         trainer.train(model_dir, examples[:8], out, settings, LORA)
 
@@ -386,6 +391,12 @@ def test_grpo_raises_rewarded_completions(model_dir: Path, backend: HFBackend, t
     summary = GRPO().train(model_dir, examples, tmp_path / "grpo", settings, LORA)
     assert summary.groups == 9 and summary.skipped_groups == 1 and summary.examples == 32
     assert summary.mean_reward == pytest.approx(8 / 36)
+    # a curve per step: each batch's mean stored reward (kept groups only) and the KL
+    assert sorted(summary.curves) == ["kl", "reward"]
+    assert all(len(c) == 16 for c in summary.curves.values())
+    assert all(0.0 <= r <= 1.0 for r in summary.curves["reward"])
+    assert summary.curves["kl"][0] == pytest.approx(0.0, abs=1e-6)  # B = 0: the reference itself
+    assert max(summary.curves["kl"]) > 0
 
     backend.add_adapter("grpo1", Path(summary.adapter_dir))
     for obj in objects:
@@ -449,6 +460,12 @@ def test_dpo_raises_chosen_over_rejected_from_the_start_policy(
     assert all(torch.isfinite(torch.tensor(summary.losses)))
     assert summary.last_loss < summary.first_loss
     assert summary.tokens_per_s and summary.tokens_per_s > 0
+    # TRL's rewards/margins and rewards/accuracies per step: from 0 (the reference itself) to
+    # the chosen answer ahead; a pair's rewards are not averaged
+    curves = summary.curves
+    assert sorted(curves) == ["accuracy", "margin"] and len(curves["margin"]) == 12
+    assert curves["margin"][0] == pytest.approx(0.0, abs=1e-4) and curves["accuracy"][0] == 0.0
+    assert curves["margin"][-1] > 0 and curves["accuracy"][-1] == 1.0
 
     backend.add_adapter("dpo1", Path(summary.adapter_dir))
     pairs = [examples[i : i + 2] for i in range(0, 16, 2)]
@@ -526,6 +543,11 @@ def test_ppo_raises_rewarded_samples_and_continues_its_parent(
     losses = torch.tensor(summary.losses)
     assert torch.isfinite(losses).all() and summary.last_loss < summary.first_loss
     assert summary.kl is not None and summary.kl >= 0 and summary.value_loss is not None
+    curves = summary.curves
+    assert sorted(curves) == ["clip_fraction", "kl", "reward", "value_loss"]
+    assert all(len(c) == 12 for c in curves.values())
+    assert curves["kl"][-1] == summary.kl and curves["value_loss"][-1] == summary.value_loss
+    assert statistics.fmean(curves["reward"]) == pytest.approx(0.5, abs=0.2)
     assert summary.tokens_per_s and summary.tokens_per_s > 0
     # the endpoint's fp32 logprobs at sampling time against the trainer's, token by token
     assert summary.logprob_gap is not None and summary.logprob_gap < 1e-3

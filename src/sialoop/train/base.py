@@ -102,6 +102,10 @@ class TrainSummary(Record):
     first_loss: float | None
     last_loss: float | None
     losses: list[float] = Field(default_factory=list)
+    # every step's other figures by name, as the method logs them: "reward" (the batch's mean
+    # stored reward), "kl" (to the reference), DPO's "margin" and "accuracy", PPO's
+    # "value_loss" and "clip_fraction"
+    curves: dict[str, list[float]] = Field(default_factory=dict)
     # training tokens (prompt and completion) per second of the steps this call ran
     tokens_per_s: float | None = None
     mean_reward: float | None = None

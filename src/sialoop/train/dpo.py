@@ -66,12 +66,16 @@ def reference_logprobs(
 
 
 def dpo_loss(beta: float) -> engine.Objective:
-    def loss(policy: engine.Policy, batch: engine.Batch) -> torch.Tensor:
+    def loss(policy: engine.Policy, batch: engine.Batch, logged: dict[str, float]) -> torch.Tensor:
         units = [e.unit for e in batch.items]
         if len(units) % 2 or any(units[i] != units[i + 1] for i in range(0, len(units), 2)):
             raise TrainError("a DPO batch must hold whole pairs (chosen, rejected)")
         ratio = _sums(policy, batch) - batch.values  # log p - ref, per example
         margin = beta * (ratio[0::2] - ratio[1::2])
+        # TRL's rewards/margins and rewards/accuracies: the implicit reward's gap and how often
+        # the chosen answer's exceeds the rejected one's
+        logged["margin"] = margin.mean().item()
+        logged["accuracy"] = (margin > 0).float().mean().item()
         return -F.logsigmoid(margin).mean()
 
     return loss

@@ -83,6 +83,9 @@ class Encoded:
     # Per completion token numbers the objective uses (PPO: old logprobs, advantages, returns),
     # each as long as `ids[start:]`.
     per_token: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # the example's stored reward where the method learns from rewards (GRPO, PPO): `fit` logs
+    # each batch's mean as the "reward" curve
+    reward: float | None = None
 
 
 @dataclass
@@ -104,7 +107,9 @@ class Batch:
         return self.ids.shape[0]
 
 
-Objective = Callable[[Policy, Batch], torch.Tensor]
+# An objective returns the step's loss and may write named figures of the step (KL, reward
+# margin) into the dict it is given; `fit` keeps each as a per-step curve.
+Objective = Callable[[Policy, Batch, dict[str, float]], torch.Tensor]
 
 
 def load_policy(model_dir: Path, settings: TrainSettings, lora: LoraSettings) -> Policy:
@@ -184,7 +189,8 @@ def _encode_ids(
         raise TrainError(f"a completion of {len(completion)} tokens does not fit max_len={max_len}")
     ids = prompt + completion
     drop = max(0, len(ids) - keep)
-    return Encoded((policy.bos, *ids[drop:]), len(prompt) - drop + 1, value, unit)
+    start = len(prompt) - drop + 1
+    return Encoded((policy.bos, *ids[drop:]), start, value, unit)
 
 
 def collate(items: Sequence[Encoded], pad: int) -> Batch:
@@ -331,6 +337,7 @@ def finished(out_dir: Path, print_: str) -> TrainSummary | None:
 class _State:
     step: int
     losses: list[float]
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _save_checkpoint(
@@ -344,7 +351,12 @@ def _save_checkpoint(
     torch.save({"torch": torch.get_rng_state()}, partial / "rng.pt")
     for name, module in policy.extras.items():
         torch.save(module.state_dict(), partial / f"{name}.pt")
-    meta = {"step": state.step, "losses": state.losses, "fingerprint": print_}
+    meta = {
+        "step": state.step,
+        "losses": state.losses,
+        "curves": state.curves,
+        "fingerprint": print_,
+    }
     (partial / "state.json").write_text(json.dumps(meta))
     # Two renames: a kill between them leaves `checkpoint.old`, which `_load_checkpoint` reads.
     if final.exists():
@@ -376,7 +388,8 @@ def _load_checkpoint(
         module.load_state_dict(torch.load(where / f"{name}.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(where / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(where / "rng.pt", weights_only=True)["torch"])
-    return _State(step=meta["step"], losses=list(meta["losses"]))
+    curves = {k: list(v) for k, v in meta.get("curves", {}).items()}
+    return _State(step=meta["step"], losses=list(meta["losses"]), curves=curves)
 
 
 def _save_final(out_dir: Path, policy: Policy, summary: TrainSummary, print_: str) -> None:
@@ -399,14 +412,16 @@ def _save_final(out_dir: Path, policy: Policy, summary: TrainSummary, print_: st
 
 @dataclass
 class Fit:
-    """What `fit` did: total steps, every step's loss, where it resumed, its wall time, and the
-    tokens (prompt and completion, padding left out) of the steps this call ran."""
+    """What `fit` did: total steps, every step's loss and the objective's other figures (a
+    curve per name), where it resumed, its wall time, and the tokens (prompt and completion,
+    padding left out) of the steps this call ran."""
 
     steps: int
     losses: list[float]
     resumed_from_step: int
     seconds: float
     tokens: int = 0
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def total_steps(n: int, settings: TrainSettings) -> int:
@@ -478,7 +493,11 @@ def fit(
                 raise KeyboardInterrupt
             chosen = _batch_indices(items, state.step, settings)
             tokens += sum(len(items[i].ids) for i in chosen)
-            loss = objective(policy, collate([items[i] for i in chosen], policy.pad))
+            logged: dict[str, float] = {}
+            rewards = [items[i].reward for i in chosen if items[i].reward is not None]
+            if rewards:
+                logged["reward"] = sum(rewards) / len(rewards)
+            loss = objective(policy, collate([items[i] for i in chosen], policy.pad), logged)
             loss.backward()
             if settings.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -486,13 +505,16 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.losses.append(loss.item())
+            for name, figure in logged.items():
+                state.curves.setdefault(name, []).append(float(figure))
             if bar is not None:
                 bar.update(task, advance=1, loss=f"{state.losses[-1]:.4f}")
             every = settings.checkpoint_every
             if every and state.step % every == 0 and state.step < total:
                 _save_checkpoint(job.out_dir, policy, optimizer, state, job.fingerprint)
     policy.model.eval()
-    return Fit(state.step, state.losses, resumed, time.perf_counter() - started, tokens)
+    seconds = time.perf_counter() - started
+    return Fit(state.step, state.losses, resumed, seconds, tokens, state.curves)
 
 
 def summarize(
@@ -507,6 +529,7 @@ def summarize(
         first_loss=fit.losses[0] if fit.losses else None,
         last_loss=fit.losses[-1] if fit.losses else None,
         losses=fit.losses,
+        curves=fit.curves,
         tokens_per_s=fit.tokens / fit.seconds if fit.seconds > 0 and fit.tokens else None,
         adapter_dir=str(out_dir / ADAPTER),
         resumed_from_step=fit.resumed_from_step,

@@ -16,6 +16,7 @@ first update on fresh samples); further epochs reuse the same samples without co
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ def advantages(
 
 
 def grpo_loss(settings: TrainSettings) -> engine.Objective:
-    def loss(policy: engine.Policy, batch: engine.Batch) -> torch.Tensor:
+    def loss(policy: engine.Policy, batch: engine.Batch, logged: dict[str, float]) -> torch.Tensor:
         logprobs = engine.token_logprobs(policy, batch, settings.temperature)
         policy_gradient = -(batch.values * engine.per_example(logprobs, batch)).mean()
         if not settings.kl_coef:
@@ -64,6 +65,7 @@ def grpo_loss(settings: TrainSettings) -> engine.Objective:
             ref = engine.token_logprobs(policy, batch, settings.temperature)
         diff = ref - logprobs
         kl = (torch.exp(diff) - diff - 1).mean()
+        logged["kl"] = kl.item()
         return policy_gradient + settings.kl_coef * kl
 
     return loss
@@ -94,7 +96,12 @@ class GRPO:
         if (done := engine.finished(out_dir, print_)) is not None:
             return done
         policy = engine.load_policy(model_dir, settings, lora)
-        items = [engine.encode(policy, e, settings.max_len, a, e.group) for e, a in kept]
+        items = [
+            dataclasses.replace(
+                engine.encode(policy, e, settings.max_len, a, e.group), reward=e.reward
+            )
+            for e, a in kept
+        ]
         job = engine.Job(out_dir, print_, "grpo", progress)
         fit = engine.fit(policy, items, settings, grpo_loss(settings), job)
         summary = engine.summarize(

@@ -121,8 +121,8 @@ def _gap(examples: Sequence[TrainExample], old: list[list[float]]) -> float | No
     return statistics.fmean(diffs) if diffs else None
 
 
-def ppo_loss(settings: TrainSettings, stats: dict[str, float]) -> engine.Objective:
-    def loss(policy: engine.Policy, batch: engine.Batch) -> torch.Tensor:
+def ppo_loss(settings: TrainSettings) -> engine.Objective:
+    def loss(policy: engine.Policy, batch: engine.Batch, logged: dict[str, float]) -> torch.Tensor:
         hidden = engine.completion_hidden(policy, batch)
         logprobs = engine.head_logprobs(policy, hidden, batch, settings.temperature)
         values = _values(policy, hidden)
@@ -133,7 +133,7 @@ def ppo_loss(settings: TrainSettings, stats: dict[str, float]) -> engine.Objecti
         )
         diff = old - logprobs  # the reference is the starting policy: its logprobs are `old`
         kl = (torch.exp(diff) - diff - 1).mean()
-        stats.update(kl=kl.item(), value_loss=vf.item(), clip_fraction=clipped.item())
+        logged.update(kl=kl.item(), value_loss=vf.item(), clip_fraction=clipped.item())
         return policy_loss + settings.vf_coef * vf + settings.kl_coef * kl
 
     return loss
@@ -172,7 +172,10 @@ class PPO:
             else None
         )
         policy.extras[VALUE_HEAD] = _value_head(policy, statistics.fmean(rewards), parent_head)
-        items = [engine.encode(policy, e, settings.max_len) for e in examples]
+        items = [
+            dataclasses.replace(engine.encode(policy, e, settings.max_len), reward=e.reward)
+            for e in examples
+        ]
         old = _experience(policy, items, settings.batch_size, settings.temperature)
         per_seq = []
         for reward, (lp, v) in zip(rewards, old, strict=True):
@@ -198,13 +201,13 @@ class PPO:
             )
             for e, (lp, v, adv, ret) in zip(items, per_seq, strict=True)
         ]
-        stats: dict[str, float] = {}
         job = engine.Job(out_dir, print_, "ppo", progress)
-        fit = engine.fit(policy, items, settings, ppo_loss(settings, stats), job)
+        fit = engine.fit(policy, items, settings, ppo_loss(settings), job)
+        last = {name: curve[-1] for name, curve in fit.curves.items() if curve}
         summary = engine.summarize(
             self.name, fit, len(items), started, out_dir, mean_reward=statistics.fmean(rewards),
-            groups=len({e.group for e in examples}), kl=stats.get("kl"),
-            value_loss=stats.get("value_loss"), clip_fraction=stats.get("clip_fraction"),
+            groups=len({e.group for e in examples}), kl=last.get("kl"),
+            value_loss=last.get("value_loss"), clip_fraction=last.get("clip_fraction"),
             logprob_gap=_gap(examples, [lp for lp, *_ in per_seq]),
         )  # fmt: skip
         return engine.finish(job, policy, summary)

@@ -21,7 +21,7 @@ from sialoop.train import engine
 from sialoop.train.base import LoraSettings, TrainError, TrainExample, TrainSettings, TrainSummary
 
 
-def sft_loss(policy: engine.Policy, batch: engine.Batch) -> torch.Tensor:
+def sft_loss(policy: engine.Policy, batch: engine.Batch, logged: dict[str, float]) -> torch.Tensor:
     return -engine.token_logprobs(policy, batch).mean()
 
 
