@@ -2,13 +2,14 @@
 on a run of 10,000 trajectories, plus screenshots of each page of a real run.
 
     python bench/web_render.py [--run runs/lawbench-web] [--trajectories 10000]
+    python bench/web_render.py --run runs/denoise-web --trajectories 0   # screenshots only
 
 The large run is a copy of RUN whose stored trajectories (with their LLM calls) are repeated
 under new ids until it holds `--trajectories` of them: the same records a real run stores, so
 the JSON fields and the calls are as big as a real run's. Render time: from navigation start
 (`performance.timeOrigin`) to the moment the page says it rendered (`body[data-rendered]`,
 `performance.now()` then), median of 5 fresh navigations in headless Debian Chromium.
-JSON: bench/results/web_render.json; screenshots: bench/results/web/*.png.
+JSON: bench/results/web_render.json, a row per source run; screenshots: bench/results/web/*.png.
 """
 
 from __future__ import annotations
@@ -87,10 +88,15 @@ def screenshots(driver, url: str, run: str, out: Path) -> list[str]:
     versions = store.versions()
     harness = next((v for v in versions if v.generation and "diff" in v.detail), None)
     weights = next((v for v in versions if "training" in v.detail), None)
-    with_calls = next(t for t in store.trajectories() if store.llm_calls(t.trajectory_id))
+    # a trajectory with LLM calls; a program that calls no model: the best version's on val
+    trajectories = store.trajectories()
+    best = store.incumbent()
+    shown = next((t for t in trajectories if store.llm_calls(t.trajectory_id)), None) or next(
+        t for t in trajectories if t.split == "val" and best and t.version_id == best.version_id
+    )
     pages = [("runs", "#/", "runs"), ("run", f"#/run/{run}", "run"),
              ("trajectories", f"#/run/{run}/traj?split=val&correct=false", "trajectories"),
-             ("trajectory", f"#/run/{run}/t/{with_calls.trajectory_id}", "trajectory")]  # fmt: skip
+             ("trajectory", f"#/run/{run}/t/{shown.trajectory_id}", "trajectory")]  # fmt: skip
     if harness:
         pages.append(("generation-harness", f"#/run/{run}/gen/{harness.generation}", "generation"))
     if weights:
@@ -109,41 +115,49 @@ def screenshots(driver, url: str, run: str, out: Path) -> list[str]:
     return names
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="runs/lawbench-web")
-    parser.add_argument("--trajectories", type=int, default=10_000)
-    args = parser.parse_args()
-    source = Path(args.run).resolve()
-    shots = RESULTS / "web"
-    shots.mkdir(parents=True, exist_ok=True)
+def large_run_figures(source: Path, target: int) -> dict:
+    """API and render times on a copy of `source` grown to `target` trajectories."""
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "runs" / "big"
-        real = grow(source, big, args.trajectories)
-        row: dict = {"source_run": source.name, "real_trajectories": real,
-                     "trajectories": args.trajectories, "cpu": platform.processor() or platform.machine()}  # fmt: skip
+        row: dict = {"real_trajectories": grow(source, big, target), "trajectories": target}
         with serve(big.parent) as url, chromium() as driver:
             client = httpx.Client(base_url=url, timeout=300)
+            first = client.get("/api/runs/big/trajectories").json()["items"][0]["id"]
             row["api_ms"] = {
                 "summary": timed(client, "/api/runs/big/summary"),
                 "trajectories_first_page": timed(client, "/api/runs/big/trajectories"),
                 "trajectories_last_page": timed(
-                    client, "/api/runs/big/trajectories", {"offset": args.trajectories - 50}
+                    client, "/api/runs/big/trajectories", {"offset": target - 50}
                 ),
                 "trajectories_wrong_val": timed(
                     client, "/api/runs/big/trajectories", {"split": "val", "correct": "false"}
                 ),
-                "trajectory_with_calls": timed(
-                    client,
-                    "/api/runs/big/trajectories/"
-                    + client.get("/api/runs/big/trajectories").json()["items"][0]["id"],
-                ),
+                "trajectory_with_calls": timed(client, f"/api/runs/big/trajectories/{first}"),
             }
             row["render_ms"] = {
                 "run": render_ms(driver, url + "#/run/big", "run"),
                 "trajectories": render_ms(driver, url + "#/run/big/traj", "trajectories"),
             }
-        with serve(source.parent) as url, chromium() as driver:
-            row["screenshots"] = screenshots(driver, url, source.name, shots)
+    return row
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/lawbench-web")
+    parser.add_argument("--trajectories", type=int, default=10_000, help="0: screenshots only")
+    args = parser.parse_args()
+    source = Path(args.run).resolve()
+    shots = RESULTS / "web"
+    shots.mkdir(parents=True, exist_ok=True)
+    row: dict = {"source_run": source.name, "cpu": platform.processor() or platform.machine()}
+    if args.trajectories:
+        row |= large_run_figures(source, args.trajectories)
+    with serve(source.parent) as url, chromium() as driver:
+        row["screenshots"] = screenshots(driver, url, source.name, shots)
     print(json.dumps(row, indent=2))
-    (RESULTS / "web_render.json").write_text(json.dumps(row, indent=2) + "\n")
+    out = RESULTS / "web_render.json"
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    if "source_run" in rows:  # the file's first layout: one row
+        rows = {rows["source_run"]: rows}
+    rows[source.name] = row
+    out.write_text(json.dumps(rows, indent=2) + "\n")

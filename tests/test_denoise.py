@@ -88,6 +88,7 @@ def test_magic_is_invalid_and_a_metric_aware_pipeline_is_scored(task: DenoiseTas
     d = score.detail
     assert score.value == d["mse_norm"] > 0 and d["valid"] and d["poisson_norm"] >= 0.97
     assert d["role"] == "headline" and d["dataset"] == "alpha" and d["seconds"] > 0
+    assert score.seconds == d["wall_s"] >= d["seconds"]  # running the program is its cost
     assert len(d["units"]) == val.inputs["cells"]
     assert abs(np.mean(list(d["units"].values())) - score.value) < 1e-9  # unclipped here
     assert d["shortcuts"]["zeros_valid"] is False
@@ -185,3 +186,10 @@ def test_a_two_generation_loop_runs_from_the_invalid_start(
     by_role = {t.instance_id: t for t in store.trajectories(test_ev.version_id, "test")}
     head = by_role["test-0"]
     assert (head.score.value if head.score else None) == test_ev.value
+    # an item's cost counts the program's run, which the harness (it only writes the
+    # program) does not see
+    scored = [e for e in store.evaluations("val") if e.value is not None]
+    for e in scored:
+        (t,) = store.trajectories(e.version_id, "val")
+        assert t.score.seconds > 0
+        assert e.seconds_per_item == pytest.approx(t.seconds + t.score.seconds)

@@ -151,6 +151,23 @@ def test_a_cheaper_candidate_that_is_not_worse_is_accepted():
     assert not gate(inc, barely).accepted  # 10% cheaper is not "clearly" (default 20%)
 
 
+def test_the_scorer_running_a_program_counts_in_its_cost():
+    # a program task: the harness only writes the program; running it is the scorer's
+    def ran(trajectories, seconds):
+        return [
+            t.model_copy(
+                update={"seconds": 0.01, "score": t.score.model_copy(update={"seconds": seconds})}
+            )
+            for t in trajectories
+        ]
+
+    inc, fast = ran(version(binary(60)), 5.0), ran(version(binary(60)), 2.0)
+    r = gate(inc, fast)
+    assert r.accepted and r.verdict == "cheaper"
+    assert r.candidate_seconds == pytest.approx(2.01) and r.incumbent_seconds == pytest.approx(5.01)
+    assert not gate(fast, inc).accepted  # the same harness seconds: slower to run is no gain
+
+
 def test_nothing_paired_is_rejected_with_a_reason():
     r = gate(version(binary(5, 10), "a"), version(binary(10, 10), "b"))
     assert not r.accepted and r.n_paired == 0 and r.test == "none"

@@ -17,7 +17,8 @@ Tests, one-sided, on the oriented differences d = sign * (candidate - incumbent)
 - better: H1 "mean d > 0". Every pair 0/1 with no None: exact McNemar (a binomial test on the
   discordant pairs). Otherwise a paired bootstrap with a fixed seed: p is the share of resampled
   means <= 0 (with the usual +1). Accepted when mean d > `min_gain` and p < alpha.
-- cheaper: when not better, the candidate is accepted if its seconds per item are at most
+- cheaper: when not better, the candidate is accepted if its seconds per item (the harness's
+  plus the scorer's run of the program it returns, `Trajectory.cost_seconds`) are at most
   (1 - `cheaper`) of the incumbent's and a bootstrap says mean d > -margin (p < alpha), with
   margin = `noninferiority_margin` times the incumbent's mean |value|.
 - Fewer than 10 pairs: the bootstrap's p is raised to the exact sign test's, since resampling
@@ -210,7 +211,7 @@ def paired_bootstrap(diffs: np.ndarray, n_boot: int, seed: int, shift: float = 0
 
 
 def _seconds(trajectories: Sequence[Trajectory], keys: set[str]) -> float | None:
-    picked = [t.seconds for t in trajectories if t.instance_id in keys]
+    picked = [t.cost_seconds for t in trajectories if t.instance_id in keys]
     return sum(picked) / len(picked) if picked else None
 
 

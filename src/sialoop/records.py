@@ -94,6 +94,9 @@ class Score(Record):
     value: float
     correct: bool | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+    # Seconds the scorer spent running the output, where the output is a program the task runs
+    # (a denoiser): part of what the output costs, beside the harness's own seconds.
+    seconds: float | None = None
 
 
 class Trajectory(Record):
@@ -115,6 +118,11 @@ class Trajectory(Record):
     sampled_tokens: int | None = None  # tokens the policy sampled in them (not option scoring)
     attempts: int = 1  # 2: the first attempt failed for the machine's reasons and was retried
     created_at: float = Field(default_factory=time.time)
+
+    @property
+    def cost_seconds(self) -> float:
+        """What the item cost: the harness's seconds plus the scorer's run of its program."""
+        return self.seconds + ((self.score.seconds or 0.0) if self.score else 0.0)
 
 
 class Version(Record):
@@ -145,7 +153,7 @@ class Evaluation(Record):
     n: int
     n_errors: int
     seconds: float
-    seconds_per_item: float | None = None  # mean harness seconds per trajectory
+    seconds_per_item: float | None = None  # mean Trajectory.cost_seconds
     tokens_per_item: float | None = None  # mean LLM tokens per trajectory (None: unknown)
     forced: bool = False  # a forced re-score of test (see `sialoop eval --force`)
     infra_failures: int = 0  # items whose final error was the machine's (RolloutError.infra)

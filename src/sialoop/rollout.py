@@ -271,7 +271,7 @@ def evaluate(
         n=len(trajectories),
         n_errors=sum(t.error is not None for t in trajectories),
         seconds=time.monotonic() - start,
-        seconds_per_item=statistics.fmean(t.seconds for t in trajectories),
+        seconds_per_item=statistics.fmean(t.cost_seconds for t in trajectories),
         tokens_per_item=_tokens_per_item(trajectories),
         forced=forced,
         infra_failures=infra,

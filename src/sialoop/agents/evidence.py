@@ -528,7 +528,7 @@ def compute_evidence(
         alternatives=alternatives,
         groups=_groups(trajectories, metric),
         episodes=_episodes(trajectories, metric),
-        seconds_per_item=_mean([t.seconds for t in trajectories]),
+        seconds_per_item=_mean([t.cost_seconds for t in trajectories]),
         tokens_per_item=_mean(tokens),
         levers=lever_stats(history),
         rejection_streak=_trailing_rejections(trainable),

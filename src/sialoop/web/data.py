@@ -341,7 +341,10 @@ class RunReader:
                 "json_extract(record, '$.score.value'), json_extract(record, '$.score.correct'), "
                 "json_extract(record, '$.error.kind'), "
                 "substr(json_extract(record, '$.error.message'), 1, ?), "
-                "json_extract(record, '$.seconds'), json_extract(record, '$.tokens'), "
+                # an item's cost: the harness's seconds plus the scorer's run of its program
+                "json_extract(record, '$.seconds') "
+                "+ coalesce(json_extract(record, '$.score.seconds'), 0), "
+                "json_extract(record, '$.tokens'), "
                 "json_extract(record, '$.calls'), substr(record -> '$.output', 1, ?) "
                 f"FROM trajectories WHERE {clause} ORDER BY rowid LIMIT ? OFFSET ?",
                 [PREVIEW_CHARS, PREVIEW_CHARS, *args, limit, max(0, int(offset))],

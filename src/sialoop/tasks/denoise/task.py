@@ -296,7 +296,8 @@ class DenoiseTask(Task):
             "wall_s": wall, "threads": reply.get("threads"),
             "shortcuts": _shortcuts(out, case.controls, figures["mse_norm"]),
         }  # fmt: skip
-        return Score(value=figures["mse_norm"], detail=detail)
+        # the worker's wall, start-up included: what running this denoiser costs the loop
+        return Score(value=figures["mse_norm"], detail=detail, seconds=wall)
 
     def _runner(self, digest: str, source: str) -> ProgramRunner:
         if self._program is not None and self._program[0] != digest:

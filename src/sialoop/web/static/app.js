@@ -224,7 +224,7 @@
 ${esc(s.progress.slice(-8).join("\n"))}</pre></div>` : "";
     return `<h1>Run ${esc(s.run_id)}</h1><div class="card">${figures(s)}</div>
       <div class="grid"><div class="card" id="score-chart"><h2>Val score per generation</h2>${generationChart(s, "value", s.metric || "score")}${legend()}</div>
-      <div class="card" id="cost-chart"><h2>Cost per item</h2>${generationChart(s, "seconds", "seconds per item")}<p class="note">Harness seconds per val item; the line follows the incumbent.</p></div></div>${progress}
+      <div class="card" id="cost-chart"><h2>Cost per item</h2>${generationChart(s, "seconds", "seconds per item")}<p class="note">Seconds per val item: the harness's, plus the scorer's run of the program it returns (a program task); the line follows the incumbent.</p></div></div>${progress}
       <div class="grid"><div class="card"><h2>Lineage</h2>${tree(s)}</div>
       <div class="card"><h2>Decisions</h2><table id="decisions"><thead><tr><th class="num">gen</th><th>lever</th><th>method</th><th>rule</th><th>rationale</th></tr></thead><tbody>${decisions}</tbody></table></div></div>
       <div class="card"><h2>Versions</h2><table id="versions"><thead><tr><th>version</th><th class="num">gen</th><th>made by</th><th>parent</th><th>status</th>
@@ -335,7 +335,7 @@ ${esc(a.response)}</pre></details>`).join("")}</div>` : "";
 ${esc(c.prompt)}</pre><h3>completion</h3><pre>
 ${esc(c.completion)}</pre><h3>tokens</h3>${heat(c)}</div>`).join("");
     return `<h1>Trajectory ${esc(t.trajectory_id)}</h1><div class="card"><dl class="kv"><dt>version</dt><dd>${esc(t.version_id)}</dd><dt>split</dt><dd>${esc(t.split)}</dd>
-      <dt>instance</dt><dd>${esc(t.instance_id)}${t.sample ? " sample " + t.sample : ""}</dd><dt>seconds</dt><dd>${num(t.seconds, 3)}</dd><dt>tokens</dt><dd>${t.tokens ?? "–"}</dd><dt>attempts</dt><dd>${t.attempts}</dd></dl></div>
+      <dt>instance</dt><dd>${esc(t.instance_id)}${t.sample ? " sample " + t.sample : ""}</dd><dt>seconds</dt><dd>${num(t.seconds, 3)}${t.score && t.score.seconds != null ? " + " + num(t.score.seconds, 2) + " running the program" : ""}</dd><dt>tokens</dt><dd>${t.tokens ?? "–"}</dd><dt>attempts</dt><dd>${t.attempts}</dd></dl></div>
       ${t.error ? `<div class="card"><h2 class="error">Error: ${esc(t.error.kind)}${t.error.infra ? " (the machine's)" : ""}</h2><pre>
 ${esc(t.error.message)}</pre></div>` : ""}
       <div class="grid"><div class="card"><h2>Output</h2><pre>
