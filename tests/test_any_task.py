@@ -247,7 +247,7 @@ def test_the_dashboard_reads_each_kind_of_run(finished, browser):
     from browser import console_errors, rendered, serve
     from sialoop.report import report_data
 
-    _name, store = finished
+    name, store = finished
     versions, trajectories = store.versions(), store.trajectories()
     with serve(store.root) as url:  # one run directory: the dashboard shows that run only
         client = httpx.Client(base_url=url, timeout=60)
@@ -281,4 +281,7 @@ def test_the_dashboard_reads_each_kind_of_run(finished, browser):
         rendered(browser, "trajectory")
         text = browser.find_element("css selector", "main").text
         assert all(str(k) in text for k in val.score.detail), val.score.detail
+        if name == "sortcost":  # a program task's output is shown as its program
+            shown = browser.find_element("css selector", "pre.output-text")
+            assert shown.get_attribute("textContent") == val.output["program"]
         assert not console_errors(browser)

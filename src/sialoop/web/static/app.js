@@ -243,10 +243,39 @@ ${esc(s.progress.slice(-8).join("\n"))}</pre></div>` : "";
     return `<pre class="diff">${lines.join("")}</pre>`;
   }
 
+  // A value of many entries (a score's per-unit figures) is folded: its size and, when the
+  // entries are numbers, their mean and range.
+  const FOLD = 12;
+  function value(v) {
+    if (v === null) return `<span class="muted">none</span>`;
+    if (typeof v === "number") return esc(C.fmt(v));
+    if (typeof v !== "object") return esc(v);
+    const items = Array.isArray(v) ? v : Object.values(v);
+    if (items.length <= FOLD) return `<code>${esc(JSON.stringify(v))}</code>`;
+    const nums = items.filter((x) => typeof x === "number" && Number.isFinite(x));
+    const stats = nums.length === items.length
+      ? ` · mean ${C.fmt(nums.reduce((a, b) => a + b, 0) / nums.length)}, min ${C.fmt(Math.min(...nums))}, max ${C.fmt(Math.max(...nums))}`
+      : "";
+    return `<details class="folded"><summary>${items.length} ${Array.isArray(v) ? "values" : "entries"}${stats}</summary><code>${esc(JSON.stringify(v))}</code></details>`;
+  }
+
   function kv(obj, skip) {
     const rows = Object.entries(obj || {}).filter(([k, v]) => !(skip || []).includes(k) && v !== undefined);
     if (!rows.length) return `<p class="muted">none</p>`;
-    return `<dl class="kv">${rows.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${v === null ? `<span class="muted">none</span>` : typeof v === "object" ? `<code>${esc(JSON.stringify(v))}</code>` : typeof v === "number" ? esc(C.fmt(v)) : esc(v)}</dd>`).join("")}</dl>`;
+    return `<dl class="kv">${rows.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${value(v)}</dd>`).join("")}</dl>`;
+  }
+
+  // An output as stored (JSON text): an object's multi-line strings (a program task's program)
+  // are shown as text, each under its key; anything else as the JSON itself.
+  function outputView(text) {
+    let parsed;
+    try { parsed = JSON.parse(text); } catch (e) { return `<pre>\n${esc(text)}</pre>`; }
+    if (typeof parsed === "string") return `<pre>\n${esc(parsed)}</pre>`;
+    if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) return `<pre>\n${esc(text)}</pre>`;
+    const long = Object.entries(parsed).filter(([, v]) => typeof v === "string" && v.includes("\n"));
+    if (!long.length) return `<pre>\n${esc(text)}</pre>`;
+    const rest = Object.fromEntries(Object.entries(parsed).filter(([, v]) => !(typeof v === "string" && v.includes("\n"))));
+    return `${Object.keys(rest).length ? kv(rest) : ""}${long.map(([k, v]) => `<h3>${esc(k)} (${v.split("\n").length} lines)</h3><pre class="output-text">\n${esc(v)}</pre>`).join("")}`;
   }
 
   function gateView(g) {
@@ -338,8 +367,7 @@ ${esc(c.completion)}</pre><h3>tokens</h3>${heat(c)}</div>`).join("");
       <dt>instance</dt><dd>${esc(t.instance_id)}${t.sample ? " sample " + t.sample : ""}</dd><dt>seconds</dt><dd>${num(t.seconds, 3)}${t.score && t.score.seconds != null ? " + " + num(t.score.seconds, 2) + " running the program" : ""}</dd><dt>tokens</dt><dd>${t.tokens ?? "–"}</dd><dt>attempts</dt><dd>${t.attempts}</dd></dl></div>
       ${t.error ? `<div class="card"><h2 class="error">Error: ${esc(t.error.kind)}${t.error.infra ? " (the machine's)" : ""}</h2><pre>
 ${esc(t.error.message)}</pre></div>` : ""}
-      <div class="grid"><div class="card"><h2>Output</h2><pre>
-${esc(t.output)}</pre></div><div class="card"><h2>Score</h2>${score}</div></div>
+      <div class="grid"><div class="card"><h2>Output</h2>${outputView(t.output)}</div><div class="card"><h2>Score</h2>${score}</div></div>
       ${t.logs ? `<div class="card"><h2>Logs</h2><pre>
 ${esc(t.logs)}</pre></div>` : ""}
       <h2>LLM calls (${t.llm_calls.length})</h2>${calls || `<p class="muted">This trajectory made no LLM call.</p>`}`;
