@@ -143,3 +143,18 @@ def test_sigkill_mid_transaction_leaves_consistent_db(tmp_path: Path):
     assert len(store.llm_calls()) == 5 * len(trajectories)
     for t in trajectories[:5]:
         assert len(store.llm_calls(t.trajectory_id)) == 5
+
+
+def test_the_episode_shape_in_sql_agrees_with_the_call_records(tmp_path: Path):
+    store = Store.create(tmp_path / "r", RunInfo(run_id="r", task="toy", config={}))
+    sampled = _call("ep-1", 0).model_copy(
+        update={"completion_token_ids": [7, 8, 9], "params": {"max_tokens": 8}}
+    )
+    scoring = _call("ep-1", 1).model_copy(update={"params": {"max_tokens": 0}})
+    unset = _call("ep-1", 2)  # no max_tokens sent: the endpoint's default samples
+    for call in (sampled, scoring, unset):
+        store.record(call)
+    assert scoring.scoring_only and not sampled.scoring_only and not unset.scoring_only
+    calls = store.llm_calls("ep-1")
+    assert store.episode_shape("ep-1") == (3, sum(c.sampled_tokens for c in calls)) == (3, 4)
+    assert store.episode_shape("ep-none") == (0, 0)

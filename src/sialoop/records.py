@@ -43,6 +43,17 @@ class LLMCall(Record):
     tokens: int | None = None  # an external policy's count, where its token ids are unknown
     created_at: float = Field(default_factory=time.time)
 
+    @property
+    def scoring_only(self) -> bool:
+        """Option scoring: the prompt's logprobs echoed with max_tokens 0, nothing sampled.
+        (`Store.episode_shape` applies the same rule in SQL.)"""
+        return self.params.get("max_tokens") == 0
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the policy sampled in this call (0 for option scoring)."""
+        return 0 if self.scoring_only else len(self.completion_token_ids)
+
 
 class AgentCall(Record):
     """One request of an LLM agent (Meta-Agent or Feedback-Agent), stored like a policy call:

@@ -274,8 +274,8 @@ class Store:
         return int(row[1] or 0)
 
     def episode_shape(self, episode_id: str) -> tuple[int, int]:
-        """An episode's recorded calls, and the tokens the policy sampled in them (completion
-        tokens of calls that were not option scoring, i.e. max_tokens was not 0)."""
+        """An episode's recorded calls, and the tokens the policy sampled in them: the sum of
+        `LLMCall.sampled_tokens`, in SQL so that no call record is parsed."""
         row = (
             self._connection()
             .execute(

@@ -186,7 +186,7 @@ def _sample_member(
             for c in calls
             if c.endpoint == "completions"
             and isinstance(c.prompt, str)
-            and c.params.get("max_tokens", 16) != 0
+            and not c.scoring_only
             and c.completion
         ]
         if not made:
@@ -309,7 +309,7 @@ def dpo_pairs(store: Store, task: Task, version_id: str) -> list[TrainExample]:
 def sampled_calls(calls: list[LLMCall]) -> list[LLMCall]:
     """The calls that sampled tokens (not option scoring), with the token ids the endpoint
     recorded; a chat call counts, its prompt ids being the rendered messages."""
-    return [c for c in calls if c.completion_token_ids and c.params.get("max_tokens") != 0]
+    return [c for c in calls if c.sampled_tokens]
 
 
 def ppo_episodes(store: Store, task: Task, version_id: str) -> list[TrainExample]:
