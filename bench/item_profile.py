@@ -11,7 +11,9 @@ val items:
   forward, LM head, the rest of the backend's bookkeeping;
 - through the real path, one sandbox worker against the real endpoint: the item's wall time;
   the difference to in-process is sandbox round-trip, HTTP and JSON, and waiting in the batcher;
-- the same with the run's default of two workers, as items per second.
+- the same with the run's default of two workers, as items per second;
+- in-process again on the same model with plain weights (`pack_weights=False`): what reordering
+  the linears' weights once for oneDNN (`sialoop.policy.packed`) gains, as a ratio.
 The compute bound is the non-embedding FLOPs of the tokens the backend ran, plus the LM head
 (vocabulary x hidden x 2 per logit row), at the GEMM rate measured here in the policy's dtype.
 JSON: bench/results/item_profile.json (machine, dtype and every figure).
@@ -59,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--harness", type=Path, action="append", help="harness files (default: both)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--skip-sandbox", action="store_true", help="in-process figures only")
+    p.add_argument("--skip-unpacked", action="store_true",
+                   help="no in-process row on plain (not oneDNN-packed) weights beside it")  # fmt: skip
     p.add_argument("--out", type=Path, default=OUT)
     return p.parse_args()
 
@@ -91,7 +95,7 @@ def instrument(backend: HFBackend, clock: Clock) -> None:
         ("_encode", "tokenisation"),
         ("_prefix", "prompt forward"),
         ("_run_suffixes", "option forward"),
-        ("_log_softmax", "LM head"),
+        ("_head", "LM head"),
     ]:
         fn = getattr(backend, attr)
 
@@ -239,6 +243,11 @@ def main() -> None:
     rate = run_compute(gemm_rate, torch_dtype, hidden, inner)
     clock = Clock()
     instrument(backend, clock)
+    # The same model on plain weights, to show what packing them (policy/packed.py) gains.
+    unpacked, plain_clock = None, Clock()
+    if not args.skip_unpacked:
+        unpacked = run_compute(HFBackend, embedded_model_dir(), dtype=dtype, pack_weights=False)
+        instrument(unpacked, plain_clock)
     results: dict[str, Any] = {
         "computed_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -269,6 +278,10 @@ def main() -> None:
             body = 2 * params * tokens
             row["bound_seconds"] = (body + head) / rate
             row["import_and_setup_s"] = import_s
+            if unpacked is not None:
+                row["unpacked"] = run_compute(
+                    in_process, module, items, unpacked, plain_clock, work
+                )
             if not args.skip_sandbox:
                 recorder = MemoryRecorder()
                 with PolicyServer(backend, recorder) as server:
@@ -293,6 +306,10 @@ def print_row(name: str, row: dict) -> None:
           f"{row['per_item']['head_rows']:.1f}")  # fmt: skip
     print(f"  compute bound {row['bound_seconds']:.3f} s/item  "
           f"(in-process is {row['seconds_per_item'] / row['bound_seconds']:.1f}x)")  # fmt: skip
+    if (plain := row.get("unpacked")) is not None:
+        print(f"  on plain weights {plain['seconds_per_item']:.3f} s/item "
+              f"({plain['seconds_per_item'] / row['seconds_per_item']:.2f}x the packed): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in plain["phases"].items()))  # fmt: skip
     for workers in (1, 2):
         if (s := row.get(f"sandbox_{workers}")) is not None:
             print(f"  sandbox + endpoint, {workers} worker(s): {s['seconds_per_item']:.3f} s/item,"

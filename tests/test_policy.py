@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from sialoop.policy.hf import HFBackend
+from sialoop.policy.packed import PackedLinear, pack_linears, packing_available
 from sialoop.policy.recorder import MemoryRecorder
 from sialoop.policy.server import PolicyServer
 
@@ -116,7 +117,11 @@ def score(
     )
 
 
-def test_echo_scoring_equals_full_forward(client, served, reference):
+def test_echo_scoring_equals_full_forward(client, served, reference, backend):
+    """The backend runs on packed weights and its row-wise log-normaliser; `reference` on
+    neither: equal logprobs check both."""
+    if packing_available(torch.float32):
+        assert isinstance(backend._lm.get_output_embeddings(), PackedLinear)
     recorder = served[1]
     response = score(client, "ep-echo", logprobs=3)
     assert len(response.choices) == len(OPTIONS)
@@ -474,3 +479,40 @@ def test_model_calls_run_on_the_one_compute_thread(client, backend, monkeypatch)
     assert run_compute(run_compute, lambda: 7) == 7  # nested: runs in place, no deadlock
     with pytest.raises(ZeroDivisionError):
         run_compute(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_equal_plain_ones_and_step_aside_for_training(
+    tiny_model_dir: Path, dtype: torch.dtype
+):
+    if not packing_available(dtype):
+        pytest.skip(f"this CPU's oneDNN does not pack {dtype}")
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
+    packed = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
+    linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert pack_linears(packed) == linears > 0
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    # The tied LM head still shares the embedding's Parameter.
+    assert packed.get_output_embeddings().weight is packed.get_input_embeddings().weight
+    ids = torch.tensor([[2, 100, 200, 300, 400, 500, 17]])
+    tol = 1e-4 if dtype == torch.float32 else 0.05  # bf16: the same products, summed in order
+
+    def logits(model) -> torch.Tensor:
+        return model(ids).logits.float()
+
+    with torch.inference_mode():
+        assert (logits(packed) - logits(plain)).abs().max().item() <= tol
+    # With autograd on, the plain path runs: the same loss and the same weight gradients.
+    for model in (plain, packed):
+        model.zero_grad()
+        logits(model).logsumexp(-1).sum().backward()
+    down = [m.model.layers[0].mlp.down_proj.weight.grad for m in (plain, packed)]
+    assert down[1] is not None and (down[0] - down[1]).abs().max().item() <= tol * 10
+    # A weight changed in place after packing is used as it now is, not as it was packed.
+    # (Not a rescale: Gemma 3's post-MLP norm would undo it.)
+    noise = torch.randn(plain.model.layers[0].mlp.down_proj.weight.shape, dtype=dtype)
+    for model in (plain, packed):
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.add_(noise)
+    with torch.inference_mode():
+        assert (logits(packed) - logits(plain)).abs().max().item() <= tol * 3

@@ -78,11 +78,12 @@ from sialoop.policy.generation import (
     left_pad,
     tokens_until,
 )
+from sialoop.policy.packed import pack_linears
 
 __all__ = ["HFBackend", "PolicyBackend"]  # the contract lives in batcher.py, its one caller
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# Full-vocab logits materialised at once: 64 rows x 262,144 x 4 B = 67 MB.
+# Full-vocab logits materialised at once: 64 rows x 262,144 x 2 B (bf16) = 34 MB.
 _HEAD_ROWS = 64
 # A shared start shorter than this is not cached on its own (it would take an LRU slot for little).
 _MIN_STEM = 32
@@ -99,6 +100,38 @@ class _Prefix:
     hidden: torch.Tensor  # [len, hidden]
     rows: dict[tuple[int, int], tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
     last: torch.Tensor | None = None  # log-softmax at the last position (predicts the suffixes)
+
+
+@dataclass(eq=False)
+class _HeadRows:
+    """The LM head's logits for some rows, in the model's dtype, and each row's log-normaliser.
+
+    A 262k-vocabulary row's log-softmax, built for every row at once, costs more than the head's
+    matmul on CPU (a float32 copy and a log-softmax over tens of MB that miss the cache): the
+    normaliser is computed row by row instead, and a logprob is its logit minus it.
+    """
+
+    logits: torch.Tensor  # [rows, vocab]
+    lse: torch.Tensor  # [rows] float32
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> _HeadRows:
+        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+        return cls(logits, lse)
+
+    def logprobs(self, rows: list[int], targets: list[int]) -> torch.Tensor:
+        index = torch.tensor(rows, dtype=torch.long)
+        picked = self.logits[index, torch.tensor(targets, dtype=torch.long)]
+        return picked.float() - self.lse[index]
+
+    def log_softmax(self, row: int) -> torch.Tensor:
+        return self.logits[row].float() - self.lse[row]
+
+    def top(self, top_n: int) -> list[list[tuple[int, float]] | None]:
+        if not top_n:
+            return [None] * self.logits.shape[0]
+        values, index = self.logits.topk(top_n, dim=-1)
+        return _pairs(index, values.float() - self.lse[:, None])
 
 
 @dataclass
@@ -121,6 +154,7 @@ class HFBackend:
     `dtype` is "bfloat16" (~2x faster where the CPU computes bf16 natively, ~4x slower where it
     does not: see `sialoop.policy.dtype`) or "float32".
     `threads` sets torch's intra-op threads; None keeps torch's default (one per core).
+    `pack_weights` reorders the linears' weights once for oneDNN (`sialoop.policy.packed`).
     """
 
     def __init__(
@@ -131,6 +165,7 @@ class HFBackend:
         score_chunk: int = 32,
         threads: int | None = None,
         prefix_cache: int = 8,
+        pack_weights: bool = True,
     ) -> None:
         if dtype not in _DTYPES:
             raise PolicyError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
@@ -142,6 +177,8 @@ class HFBackend:
         except (OSError, ValueError) as err:
             raise PolicyError(f"cannot load the policy model from {model_dir}: {err}") from err
         self._lm = lm.eval()
+        if pack_weights:
+            pack_linears(self._lm)
         self._peft: Any = None  # a PeftModel wrapping self._lm once an adapter is added
         self._adapters: dict[str, Path] = {}
         self._prefixes: OrderedDict[tuple[str, tuple[int, ...]], _Prefix] = OrderedDict()
@@ -240,12 +277,12 @@ class HFBackend:
 
     # ---- logits only where needed ---------------------------------------------------------------
 
-    def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._lm.get_output_embeddings()(hidden).float()
+    def _head(self, hidden: torch.Tensor) -> _HeadRows:
+        logits = self._lm.get_output_embeddings()(hidden)
         if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
+            logits = torch.tanh(logits.float() / self._softcap) * self._softcap
         self.stats["head_rows"] += hidden.shape[0]
-        return torch.log_softmax(logits, dim=-1)
+        return _HeadRows.of(logits)
 
     def _gather(
         self, hidden: torch.Tensor, row_of: list[int], targets: list[int], top_n: int,
@@ -254,20 +291,19 @@ class HFBackend:
         """Per use u: logprob of `targets[u]` under hidden row `row_of[u]`, and that row's top-N;
         with `keep`, also row `keep`'s whole log-softmax (else None).
 
-        Each row's full-vocab log-softmax is computed once, `_HEAD_ROWS` rows at a time (the LM
-        head's weight is read once per pass, which is most of its cost on CPU).
+        The LM head runs `_HEAD_ROWS` rows at a time (its weight is read once per pass, which is
+        most of its cost on CPU); a row's log-softmax is only built where it is kept.
         """
         lps: list[float] = [0.0] * len(targets)
         tops: list[list[tuple[int, float]] | None] = [None] * len(targets)
         kept = None
         for a in range(0, hidden.shape[0], _HEAD_ROWS):
-            lsm = self._log_softmax(hidden[a : a + _HEAD_ROWS])
+            head = self._head(hidden[a : a + _HEAD_ROWS])
             if keep is not None and a <= keep < a + _HEAD_ROWS:
-                kept = lsm[keep - a].clone()
-            top = _topk(lsm, top_n)
+                kept = head.log_softmax(keep - a)
+            top = head.top(top_n)
             uses = [u for u, r in enumerate(row_of) if a <= r < a + _HEAD_ROWS]
-            rows = torch.tensor([row_of[u] - a for u in uses], dtype=torch.long)
-            values = lsm[rows, torch.tensor([targets[u] for u in uses], dtype=torch.long)]
+            values = head.logprobs([row_of[u] - a for u in uses], [targets[u] for u in uses])
             for u, value in zip(uses, values.tolist(), strict=True):
                 lps[u], tops[u] = value, top[row_of[u] - a]
         return lps, tops, kept
@@ -379,7 +415,7 @@ class HFBackend:
         if not any(len(e.ids) > n and s <= n for e, s in zip(encs, starts, strict=True)):
             return
         if entry.last is None:
-            entry.last = self._log_softmax(entry.hidden[n - 1 :])[0]
+            entry.last = self._head(entry.hidden[n - 1 :]).log_softmax(0)
         top = _topk(entry.last[None], top_n)[0]
         for i, (enc, start) in enumerate(zip(encs, starts, strict=True)):
             if len(enc.ids) > n and start <= n:
@@ -563,6 +599,10 @@ def _topk(lsm: torch.Tensor, top_n: int) -> list[list[tuple[int, float]] | None]
     if not top_n:
         return [None] * lsm.shape[0]
     values, index = lsm.topk(top_n, dim=-1)
+    return _pairs(index, values)
+
+
+def _pairs(index: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, float]] | None]:
     return [
         list(zip(ix, v, strict=True)) for ix, v in zip(index.tolist(), values.tolist(), strict=True)
     ]
