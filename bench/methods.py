@@ -35,7 +35,7 @@ from sialoop.agents.registry import FEEDBACK
 from sialoop.config import load_config
 from sialoop.evaluator import served_adapters
 from sialoop.loop import drive, new_run
-from sialoop.policy.dtype import resolve_dtype
+from sialoop.policy.dtype import native_bf16, resolve_dtype
 from sialoop.policy.launch import serve_policy
 from sialoop.records import Decision, Lever
 from sialoop.rollout import RolloutContext, evaluate
@@ -132,6 +132,8 @@ def run_row(name: str, method: str, test_size: int, console: Console) -> dict[st
         "gate_n": (v1.detail.get("gate") or {}).get("n_paired"),
         "offline_would": d1.evidence.get("offline_would"),
         "wall_minutes": (time.monotonic() - started) / 60,
+        # rows are run in different sessions, on different CPUs
+        "dtype": resolve_dtype("auto"), "native_bf16": native_bf16(),
     }  # fmt: skip
 
 

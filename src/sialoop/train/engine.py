@@ -148,13 +148,19 @@ def load_policy(model_dir: Path, settings: TrainSettings, lora: LoraSettings) ->
 
 
 def encode(
-    policy: Policy, example: TrainExample, max_len: int, value: float = 0.0, unit: str | None = None
+    policy: Policy,
+    example: TrainExample,
+    max_len: int,
+    value: float = 0.0,
+    unit: str | None = None,
+    with_reward: bool = False,
 ) -> Encoded:
     """Token ids of `prompt + completion` as the endpoint tokenizes them, left-truncated; or,
     when the example carries them, the token ids the endpoint recorded (sampled tokens exactly
-    as sampled)."""
+    as sampled). `with_reward`: the item carries the example's stored reward (GRPO, PPO)."""
+    reward = example.reward if with_reward else None
     if example.prompt_ids is not None and example.completion_ids is not None:
-        return _encode_ids(policy, example, max_len, value, unit)
+        return _encode_ids(policy, example, max_len, value, unit, reward)
     text = example.prompt + example.completion
     enc = policy.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
@@ -172,11 +178,16 @@ def encode(
             f"a completion of {len(ids) - start} tokens does not fit max_len={max_len}"
         )
     drop = max(0, len(ids) - keep)
-    return Encoded((policy.bos, *ids[drop:]), start - drop + 1, value, unit)
+    return Encoded((policy.bos, *ids[drop:]), start - drop + 1, value, unit, reward=reward)
 
 
 def _encode_ids(
-    policy: Policy, example: TrainExample, max_len: int, value: float, unit: str | None
+    policy: Policy,
+    example: TrainExample,
+    max_len: int,
+    value: float,
+    unit: str | None,
+    reward: float | None,
 ) -> Encoded:
     prompt = list(example.prompt_ids or ())
     while prompt and prompt[0] == policy.bos:
@@ -190,7 +201,7 @@ def _encode_ids(
     ids = prompt + completion
     drop = max(0, len(ids) - keep)
     start = len(prompt) - drop + 1
-    return Encoded((policy.bos, *ids[drop:]), start, value, unit)
+    return Encoded((policy.bos, *ids[drop:]), start, value, unit, reward=reward)
 
 
 def collate(items: Sequence[Encoded], pad: int) -> Batch:

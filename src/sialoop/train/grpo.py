@@ -16,7 +16,6 @@ first update on fresh samples); further epochs reuse the same samples without co
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Sequence
@@ -97,9 +96,7 @@ class GRPO:
             return done
         policy = engine.load_policy(model_dir, settings, lora)
         items = [
-            dataclasses.replace(
-                engine.encode(policy, e, settings.max_len, a, e.group), reward=e.reward
-            )
+            engine.encode(policy, e, settings.max_len, a, e.group, with_reward=True)
             for e, a in kept
         ]
         job = engine.Job(out_dir, print_, "grpo", progress)

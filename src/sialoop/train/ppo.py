@@ -172,10 +172,7 @@ class PPO:
             else None
         )
         policy.extras[VALUE_HEAD] = _value_head(policy, statistics.fmean(rewards), parent_head)
-        items = [
-            dataclasses.replace(engine.encode(policy, e, settings.max_len), reward=e.reward)
-            for e in examples
-        ]
+        items = [engine.encode(policy, e, settings.max_len, with_reward=True) for e in examples]
         old = _experience(policy, items, settings.batch_size, settings.temperature)
         per_seq = []
         for reward, (lp, v) in zip(rewards, old, strict=True):
