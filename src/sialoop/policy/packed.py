@@ -60,7 +60,7 @@ def pack_linears(model: nn.Module) -> int:
     """Replaces every plain CPU `nn.Linear` of `model` by a `PackedLinear`; returns how many.
 
     Shared Parameters stay shared (a tied LM head keeps its embedding's weight). Nothing changes
-    where oneDNN cannot pack the model's dtype.
+    where oneDNN cannot pack the model's dtype, and a linear it refuses stays as it was.
     """
     swaps = [
         (parent, name, child)
@@ -70,6 +70,11 @@ def pack_linears(model: nn.Module) -> int:
         and child.weight.device.type == "cpu"
         and packing_available(child.weight.dtype)
     ]
+    packed = 0
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear.from_linear(child))
-    return len(swaps)
+        try:
+            setattr(parent, name, PackedLinear.from_linear(child))
+        except RuntimeError:  # a oneDNN build without this shape or ISA: it stays plain
+            continue
+        packed += 1
+    return packed
