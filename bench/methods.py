@@ -12,10 +12,9 @@ the evaluator scores the parent and the candidate on the same test items (LawBen
 candidate, the gate's verdict, wall minutes of the weights attempt, training tokens per second,
 and what the offline Feedback-Agent would have chosen there and why.
 
-GRPO here learns from the options an option-scoring harness scored (one group per instance,
-reward 1 for gold), not from samples. PPO needs sampled tokens: its rows start from the task's
-chat template (the answer generated, then matched to the options), so their parent is another
-harness than the other rows' and the table says so. JSON:
+PPO and GRPO learn from sampled tokens: their rows start from the task's chat template (the
+answer generated, then matched to the options; GRPO with 4 samples per train instance, a group),
+so their parent is another harness than the SFT and DPO rows' and the table says so. JSON:
 bench/results/methods.json, one row stored as it finishes; a finished row is not re-run.
 """
 
@@ -47,9 +46,11 @@ RESULTS = Path(__file__).parent / "results" / "methods.json"
 RUNS = Path(__file__).parent / "results" / "methods-runs"
 METHODS = ("sft", "dpo", "grpo", "ppo")
 SRC = Path(__file__).resolve().parents[1] / "src" / "sialoop" / "tasks"
-# PPO learns from sampled tokens, which an option-scoring template has none of: its rows start
-# from each task's sampling (chat) template instead, so their parent differs from the others'.
+# PPO and GRPO learn from sampled tokens, which an option-scoring template has none of: their
+# rows start from each task's sampling (chat) template instead, so their parent differs from the
+# others'; GRPO compares the k samples of an instance, so it samples 4.
 SAMPLING = {name: SRC / name / "templates" / "chat.py" for name in ("toy", "lawbench")}
+SAMPLED = {"ppo": {}, "grpo": {"loop.samples": 4}}
 TASKS: dict[str, dict[str, Any]] = {
     "toy": {"split.val_size": 0, "split.holdout_size": 0, "loop.train_batch": 32},
     "lawbench": {"split.val_size": 150, "split.holdout_size": 0, "loop.train_batch": 48},
@@ -102,8 +103,8 @@ def run_row(name: str, method: str, test_size: int, console: Console) -> dict[st
         "task": name, "runs_dir": str(RUNS), "agents.feedback": f"bench-{method}",
         **COMMON, **TASKS[name],
     }  # fmt: skip
-    if method == "ppo":
-        overrides["harness"] = str(SAMPLING[name])
+    if method in SAMPLED:
+        overrides |= {"harness": str(SAMPLING[name]), **SAMPLED[method]}
     cfg = load_config(None, overrides)
     task = task_for(cfg)
     run_id = f"{name}-{method}"
@@ -120,7 +121,7 @@ def run_row(name: str, method: str, test_size: int, console: Console) -> dict[st
     training = v1.detail.get("training", {})
     return {
         "task": name, "method": method, "status": v1.status,
-        "harness": "chat (sampling)" if method == "ppo" else "reference (option scoring)",
+        "harness": "chat (sampling)" if method in SAMPLED else "reference (option scoring)",
         "error": v1.detail.get("error"), "val_parent": val.get("v0"), "val": val.get("v1"),
         "test_parent": test.get("v0"), "test": test.get("v1"), "test_n": len(ids),
         "gate": (v1.detail.get("gate") or {}).get("reason"),
