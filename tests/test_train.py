@@ -173,7 +173,7 @@ def test_grpo_groups_join_samples_of_one_instance(tmp_path: Path):
     other = "green" if gold != "green" else "red"
     store = Store.create(tmp_path / "run", RunInfo(run_id="r", task="toy", config={}))
     prefix = f"Text: {inst.inputs['text']}\nAnswer: "
-    for sample, output in enumerate([gold, other, other]):  # k = 3 samples of one instance
+    for sample, output in enumerate([gold, other, other, gold]):  # k = 4 samples of one instance
         traj = Trajectory(
             run_id="r",
             version_id="v0",
@@ -186,6 +186,21 @@ def test_grpo_groups_join_samples_of_one_instance(tmp_path: Path):
         )
         if sample < 2:  # an option-scoring harness
             calls = scoring_calls(traj.trajectory_id, prefix, list(COLOURS), "\n")
+        elif sample == 3:  # a chat one: the rendered messages' ids are its prompt
+            messages = [{"role": "user", "content": "colour?"}]
+            asked = LLMCall(
+                episode_id=traj.trajectory_id,
+                endpoint="chat.completions",
+                adapter="base",
+                prompt=messages,
+                completion=gold,
+                prompt_token_ids=[2, 9, 10],
+                completion_token_ids=[11, 1],
+                token_logprobs=[-0.5, -0.25],
+                params={"model": "policy", "max_tokens": 8, "temperature": 1.0},
+                latency_s=0.1,
+            )
+            calls = [asked]
         else:  # a generating one: its last generation is the answer
             generated = LLMCall(
                 episode_id=traj.trajectory_id,
@@ -205,8 +220,14 @@ def test_grpo_groups_join_samples_of_one_instance(tmp_path: Path):
         (prefix, gold + "\n", 1.0),
         (prefix, other + "\n", 0.0),
         ("Q: colour?\nA:", f" {other}", 0.0),
+        ("", gold, 1.0),
     ]
     assert {e.group for e in examples} == {f"v0/{inst.id}"}
+    # sampled calls keep the tokens the endpoint recorded (as PPO's sequences do)
+    assert [(e.prompt_ids, e.completion_ids, e.logprobs) for e in examples[2:]] == [
+        ((2, 5), (7,), None),
+        ((2, 9, 10), (11, 1), (-0.5, -0.25)),
+    ]
     assert sft_examples(store, task, "v0") == [TrainExample(prompt=prefix, completion=gold + "\n")]
 
 

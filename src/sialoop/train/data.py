@@ -180,27 +180,36 @@ def _sample_member(
     reward = (metric.oriented(traj.score.value) if traj.score else None) or 0.0
     if found is not None and output in found.options:
         prompt, completion = found.prefix, output + found.suffix
-    else:
-        made = [
-            c
-            for c in calls
-            if c.endpoint == "completions"
-            and isinstance(c.prompt, str)
-            and not c.scoring_only
-            and c.completion
-        ]
-        if not made:
-            return None
-        prompt, completion = str(made[-1].prompt), made[-1].completion
-    return TrainExample(prompt=prompt, completion=completion, reward=reward, group=group)
+        return TrainExample(prompt=prompt, completion=completion, reward=reward, group=group)
+    made = sampled_calls(calls)  # a chat call counts: its prompt ids are the rendered messages
+    return _call_example(made[-1], reward, group) if made else None
+
+
+def _call_example(call: LLMCall, reward: float, group: str) -> TrainExample:
+    """A sampled call as the endpoint recorded it: the token ids it saw and sampled (the text
+    too, where the prompt was one), and the sampled tokens' logprobs where it returned them."""
+    logprobs = call.token_logprobs
+    if logprobs is not None:  # echoed prompt first: keep the sampled tokens' part
+        logprobs = logprobs[-len(call.completion_token_ids) :]
+    known = logprobs is not None and all(v is not None for v in logprobs)
+    return TrainExample(
+        prompt=call.prompt if isinstance(call.prompt, str) else "",
+        completion=call.completion or "?",
+        reward=reward,
+        group=group,
+        prompt_ids=tuple(call.prompt_token_ids),
+        completion_ids=tuple(call.completion_token_ids),
+        logprobs=tuple(float(v) for v in logprobs or ()) if known else None,
+    )
 
 
 def grpo_groups(store: Store, task: Task, version_id: str) -> list[TrainExample]:
     """GRPO examples from the train trajectories of `version_id`; members of a group share `group`.
 
     - An instance with several samples (trajectories with different `sample`) is one group: each
-      sample's answer (its chosen option + suffix after the prefix, else its last generated
-      completion) with the task's score of that trajectory as reward.
+      sample's answer (its chosen option + suffix after the prefix, else its last sampled call,
+      chat included, as the endpoint recorded its tokens) with the task's score of that
+      trajectory as reward.
     - An instance with one trajectory is one group of the options its harness scored: each option
       + suffix after the prefix, reward 1.0 for the gold label and 0.0 for the others.
     Groups without reward variance are returned too; the trainer skips and counts them.
@@ -324,21 +333,7 @@ def ppo_episodes(store: Store, task: Task, version_id: str) -> list[TrainExample
             continue
         calls = sampled_calls(store.llm_calls(traj.trajectory_id))
         skipped["no sampled call"] += not calls
-        for c in calls:
-            logprobs = c.token_logprobs
-            if logprobs is not None:  # echoed prompt first: keep the sampled tokens' part
-                logprobs = logprobs[-len(c.completion_token_ids) :]
-            known = logprobs is not None and all(v is not None for v in logprobs)
-            out.append(
-                TrainExample(
-                    prompt=c.prompt if isinstance(c.prompt, str) else "",
-                    completion=c.completion or "?",
-                    reward=task.metric.oriented(traj.score.value),
-                    group=traj.trajectory_id,
-                    prompt_ids=tuple(c.prompt_token_ids),
-                    completion_ids=tuple(c.completion_token_ids),
-                    logprobs=tuple(float(v) for v in logprobs or ()) if known else None,
-                )
-            )
+        reward = task.metric.oriented(traj.score.value)
+        out += [_call_example(c, reward, traj.trajectory_id) for c in calls]
     log.info("ppo_episodes(%s): %d sequences; skipped %s", version_id, len(out), dict(skipped))
     return out

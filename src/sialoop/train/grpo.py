@@ -85,6 +85,11 @@ class GRPO:
         progress: Console | None = None,
     ) -> TrainSummary:
         started = time.perf_counter()
+        if not examples:
+            raise TrainError(
+                "GRPO got no examples: no train trajectory had a scored option set or a sampled "
+                "answer; use a harness that scores options or samples, or SFT on gold"
+            )
         kept, n_groups, skipped = advantages(examples, settings.group_size)
         if not kept:
             raise TrainError(

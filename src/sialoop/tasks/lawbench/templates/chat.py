@@ -24,6 +24,7 @@ N_EXAMPLES = 2
 EXAMPLE_CHARS = 160
 QUERY_CHARS = 600
 MAX_TOKENS = 24
+SAMPLE_TEMPERATURE = 1.0  # a group's samples after the first (see _temperature)
 SYSTEM = "你是中国刑法专家。根据案情描述，从候选罪名中选出被告人所犯的一个罪名，只回答罪名本身。"
 
 KNOBS = {
@@ -85,11 +86,20 @@ def matched(reply, options):
     return max(inside, key=len) if inside else None
 
 
+def _temperature(instance):
+    """Greedy, except for a group's later samples (`instance["sample"]` > 0, when the loop asks
+    for k per instance): those explore, so the group's rewards can differ."""
+    return SAMPLE_TEMPERATURE if instance.get("sample", 0) > 0 else 0.0
+
+
 def solve(instance, llm):
     text = instance["text"]
     options = shortlist(text)
     response = llm.chat.completions.create(
-        model="policy", messages=messages(text, options), max_tokens=MAX_TOKENS, temperature=0
+        model="policy",
+        messages=messages(text, options),
+        max_tokens=MAX_TOKENS,
+        temperature=_temperature(instance),
     )
     reply = response.choices[0].message.content or ""
     answer = matched(reply, options) or options[0]

@@ -7,6 +7,7 @@ from sialoop.harness.kit import read_jsonl
 N_EXAMPLES = 4
 SYSTEM = "Answer with exactly one of the options, and nothing else."
 MAX_TOKENS = 8
+SAMPLE_TEMPERATURE = 1.0  # a group's samples after the first (see _temperature)
 
 KNOBS = {
     "N_EXAMPLES": {"family": "examples", "int": [0, 8]},
@@ -22,6 +23,12 @@ def _ask(text, options):
     return f"Text: {text}\nOptions: {', '.join(options)}"
 
 
+def _temperature(instance):
+    """Greedy, except for a group's later samples (`instance["sample"]` > 0, when the loop asks
+    for k per instance): those explore, so the group's rewards can differ."""
+    return SAMPLE_TEMPERATURE if instance.get("sample", 0) > 0 else 0.0
+
+
 def solve(instance, llm):
     options = instance["options"]
     messages = [{"role": "system", "content": SYSTEM}]
@@ -30,7 +37,7 @@ def solve(instance, llm):
         messages.append({"role": "assistant", "content": row["label"]})
     messages.append({"role": "user", "content": _ask(instance["text"], options)})
     reply = llm.chat.completions.create(
-        model="policy", messages=messages, max_tokens=MAX_TOKENS, temperature=0
+        model="policy", messages=messages, max_tokens=MAX_TOKENS, temperature=_temperature(instance)
     )
     said = (reply.choices[0].message.content or "").strip().lower()
     exact = [o for o in options if o.lower() == said]
