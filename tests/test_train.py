@@ -633,3 +633,12 @@ def test_ppo_episodes_credit_every_sampled_call_with_the_episode_score(tmp_path:
     lower = ToyTask()
     lower.metric = lower.metric.model_copy(update={"direction": "lower"})
     assert [e.reward for e in ppo_episodes(store, lower, "v0")] == [0.0, 0.0, -1.0, -1.0]
+
+
+def test_grpo_weighs_each_sequence_by_its_mean_token_logprob():
+    """DeepSeekMath's 1/|o| per sequence: a long sample counts as much as a short one."""
+    items = [engine.Encoded((2, 5, 6, 7, 8), 1), engine.Encoded((2, 5, 9), 2)]
+    batch = engine.collate(items, pad=0)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])  # 4 tokens of the first, 1 of the second
+    assert engine.per_example(values, batch).tolist() == [10.0, 10.0]
+    assert engine.per_example(values, batch, mean=True).tolist() == [2.5, 10.0]

@@ -347,9 +347,9 @@ def run_rows(folder: Path) -> list[list[str]]:
 @app.command()
 @one_line_errors
 def web(
-    runs_dir: Annotated[
-        Path, typer.Argument(help="a folder of runs, or one run directory")
-    ] = Path("runs"),
+    runs_dir: Annotated[Path, typer.Argument(help="a folder of runs, or one run directory")] = Path(
+        "runs"
+    ),
     port: Annotated[int, typer.Option(help="the port to listen on")] = 8765,
     host: Annotated[
         str,

@@ -296,10 +296,15 @@ def _shared_hidden(policy: Policy, batch: Batch) -> torch.Tensor | None:
     return torch.cat(rows)
 
 
-def per_example(values: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sums of per-token `values` for each example of the batch."""
-    out = torch.zeros(batch.size, dtype=values.dtype)
-    return out.index_add(0, batch.owner, values)
+def per_example(values: torch.Tensor, batch: Batch, mean: bool = False) -> torch.Tensor:
+    """Sums (`mean`: means) of per-token `values` for each example of the batch."""
+    out = torch.zeros(batch.size, dtype=values.dtype).index_add(0, batch.owner, values)
+    if not mean:
+        return out
+    tokens = torch.zeros(batch.size, dtype=values.dtype).index_add(
+        0, batch.owner, torch.ones_like(values)
+    )
+    return out / tokens.clamp(min=1)
 
 
 # ---- fingerprint and finished runs ------------------------------------------------------------

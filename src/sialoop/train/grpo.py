@@ -57,7 +57,9 @@ def advantages(
 def grpo_loss(settings: TrainSettings) -> engine.Objective:
     def loss(policy: engine.Policy, batch: engine.Batch, logged: dict[str, float]) -> torch.Tensor:
         logprobs = engine.token_logprobs(policy, batch, settings.temperature)
-        policy_gradient = -(batch.values * engine.per_example(logprobs, batch)).mean()
+        # Each sequence's mean over its tokens, as DeepSeekMath's GRPO: with sums, a long
+        # low-reward sample (junk sampled at temperature 1) outweighs the short right answers.
+        policy_gradient = -(batch.values * engine.per_example(logprobs, batch, mean=True)).mean()
         if not settings.kl_coef:
             return policy_gradient
         with torch.no_grad(), policy.model.disable_adapter():
