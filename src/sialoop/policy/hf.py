@@ -83,7 +83,7 @@ from sialoop.policy.packed import pack_linears
 __all__ = ["HFBackend", "PolicyBackend"]  # the contract lives in batcher.py, its one caller
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# Full-vocab logits materialised at once: 64 rows x 262,144 x 2 B (bf16) = 34 MB.
+# Full-vocab logits materialised at once: 64 rows x 262,144 x 2 B = 34 MB in bf16 (67 in fp32).
 _HEAD_ROWS = 64
 # A shared start shorter than this is not cached on its own (it would take an LRU slot for little).
 _MIN_STEM = 32
