@@ -22,7 +22,7 @@ _ROWS_HINT = 64
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose inference forward runs on a oneDNN-packed copy of its weight."""
 
-    _packed: torch.Tensor | None
+    _packed: torch.Tensor
     _packed_version: int
 
     @classmethod
@@ -38,15 +38,13 @@ class PackedLinear(nn.Linear):
         self._packed_version = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
         if (
-            packed is None
-            or torch.is_grad_enabled()
+            torch.is_grad_enabled()
             or x.dtype != self.weight.dtype
             or self.weight._version != self._packed_version  # trained in place since packing
         ):
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 def packing_available(dtype: torch.dtype) -> bool:

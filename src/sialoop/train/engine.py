@@ -301,9 +301,7 @@ def per_example(values: torch.Tensor, batch: Batch, mean: bool = False) -> torch
     out = torch.zeros(batch.size, dtype=values.dtype).index_add(0, batch.owner, values)
     if not mean:
         return out
-    tokens = torch.zeros(batch.size, dtype=values.dtype).index_add(
-        0, batch.owner, torch.ones_like(values)
-    )
+    tokens = torch.bincount(batch.owner, minlength=batch.size).to(values.dtype)
     return out / tokens.clamp(min=1)
 
 
